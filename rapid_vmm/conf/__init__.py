@@ -1,0 +1,25 @@
+"""Configuration of rapid-vmm: one module per option group.
+
+``CONF`` is the global ``oslo_config.cfg.ConfigOpts`` of the agent. Modules
+read ``CONF.group.option`` at call time, never at import time.
+"""
+
+from oslo_config import cfg
+
+from rapid_vmm.conf import default
+from rapid_vmm.conf import gpu
+from rapid_vmm.conf import libvirt
+from rapid_vmm.conf import nova
+
+CONF = cfg.CONF
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register every rapid-vmm option group on ``conf``."""
+    default.register_opts(conf)
+    libvirt.register_opts(conf)
+    nova.register_opts(conf)
+    gpu.register_opts(conf)
+
+
+register_opts(CONF)

@@ -1,0 +1,112 @@
+"""Options of the [DEFAULT] group."""
+
+import socket
+
+from oslo_config import cfg
+
+from rapid_vmm import netutils
+
+DEFAULT_VM_TYPES = '1,2,4 x 1024,2048,4096 x 20,40'
+
+identity_opts = [
+    cfg.StrOpt('host',
+               default=socket.gethostname(),
+               sample_default='<current_hostname>',
+               help='Name of this VM Manager: the server name of its RPC '
+                    'endpoint on ``vmm_topic`` and the name it gives the '
+                    'Directory Server. Default: the host name.'),
+    cfg.StrOpt('my_ip',
+               default=netutils.first_non_loopback_ipv4(),
+               sample_default='<host_ipv4>',
+               help='IP address reported to the Directory Server and the '
+                    'SLA Manager. Default: the first non-loopback IPv4 '
+                    'address of the host.'),
+]
+
+rpc_opts = [
+    cfg.StrOpt('vmm_topic', default='rapid_vmm',
+               help='RPC topic on which this VMM serves the VMM API '
+                    '(server name: ``host``).'),
+    cfg.StrOpt('ds_topic', default='rapid_ds',
+               help='RPC topic of the Directory Server API.'),
+    cfg.StrOpt('slam_topic', default='rapid_slam',
+               help='RPC topic of the SLA Manager API.'),
+    cfg.IntOpt('max_concurrent_requests', default=100, min=1, max=10000,
+               help='Size of the worker pool that handles RPC requests '
+                    '(and legacy connections). Requests beyond it wait.'),
+    cfg.IntOpt('peer_call_timeout', default=10, min=1,
+               help='Seconds a call to the Directory Server or the SLA '
+                    'Manager may take before it is given up and retried '
+                    'later.'),
+    cfg.IntOpt('registration_retry_max_interval', default=60, min=1,
+               help='Upper bound, in seconds, of the exponential back-off '
+                    'between attempts to register with the Directory Server '
+                    'and the SLA Manager while they are absent.'),
+]
+
+driver_opts = [
+    cfg.StrOpt('compute_driver', default='libvirt',
+               choices=[('libvirt', 'drive a libvirt hypervisor directly '
+                                    '(standalone hosts)'),
+                        ('nova', 'drive OpenStack Nova through '
+                                 'openstacksdk')],
+               help='Which hypervisor driver runs the VMs.'),
+    cfg.BoolOpt('openstack_support', default=None,
+                deprecated_for_removal=True,
+                deprecated_reason='Use compute_driver = nova.',
+                help='Deprecated alias of the original openStackSupport '
+                     'setting: true selects ``compute_driver = nova``, '
+                     'false ``libvirt``. Unset: compute_driver decides.'),
+]
+
+state_opts = [
+    cfg.StrOpt('data_path', default='/var/lib/rapid-vmm',
+               help='Directory of the durable state (SQLite database with '
+                    'the VMM identity and VM records) and, by default, of '
+                    'instance disks.'),
+]
+
+lifecycle_opts = [
+    cfg.IntOpt('report_interval', default=10, min=1,
+               help='Seconds between two resource reports '
+                    '(``notify_vmm``) to the Directory Server.'),
+    cfg.IntOpt('reconcile_interval', default=60, min=0,
+               help='Seconds between two reconciliations of the state with '
+                    'the hypervisor; 0 reconciles at start only.'),
+    cfg.IntOpt('helper_vm_count', default=2, min=0, max=100,
+               help='Helper VMs (users -1, -2, ...) kept running and '
+                    'registered with the Directory Server; 0 disables.'),
+    cfg.IntOpt('as_register_timeout', default=200, min=0,
+               help='Seconds start_vm waits for the Acceleration Server of '
+                    'a new or resumed VM to register; 0 = do not wait.'),
+    cfg.StrOpt('vm_types', default=DEFAULT_VM_TYPES,
+               help='Grid of VM types: vCPU counts, memory sizes in MB and '
+                    'disk sizes in GB, each a comma-separated ascending '
+                    'list, the three lists separated by "x". Every '
+                    'combination is a type; a request is rounded down to '
+                    'the grid (values under the smallest are raised to it).'),
+]
+
+capacity_opts = [
+    cfg.FloatOpt('cpu_allocation_ratio', default=16.0, min=0.0,
+                 help='Virtual CPUs per physical CPU that VMs may be given.'),
+    cfg.FloatOpt('ram_allocation_ratio', default=1.5, min=0.0,
+                 help='Ratio of VM memory to host memory (after '
+                      '``reserved_host_memory_mb``) that may be given.'),
+    cfg.FloatOpt('disk_allocation_ratio', default=1.0, min=0.0,
+                 help='Ratio of VM disk to the size of the filesystem of '
+                      'the instance disks that may be given.'),
+    cfg.IntOpt('reserved_host_memory_mb', default=512, min=0,
+               help='Memory in MB kept for the host, outside VM capacity.'),
+]
+
+ALL_OPTS = (identity_opts + rpc_opts + driver_opts + state_opts +
+            lifecycle_opts + capacity_opts)
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    conf.register_opts(ALL_OPTS)
+
+
+def list_opts() -> dict:
+    return {'DEFAULT': ALL_OPTS}
