@@ -2,6 +2,8 @@
 
 from oslo_config import cfg
 
+from rapid_vmm.conf import groups
+
 gpu_group = cfg.OptGroup(
     'gpu', title='GPU monitoring',
     help='How the host\'s NVIDIA GPUs are read and reported.')
@@ -30,9 +32,9 @@ gpu_opts = [
 ]
 
 
+
 def register_opts(conf: cfg.ConfigOpts) -> None:
-    conf.register_group(gpu_group)
-    conf.register_opts(gpu_opts, group=gpu_group)
+    groups.register_group(conf, gpu_group, gpu_opts)
 
 
 def list_opts() -> dict:

@@ -2,6 +2,8 @@
 
 from oslo_config import cfg
 
+from rapid_vmm.conf import groups
+
 libvirt_group = cfg.OptGroup(
     'libvirt', title='libvirt driver',
     help='Options of the libvirt driver (``compute_driver = libvirt``).')
@@ -79,9 +81,9 @@ libvirt_opts = [
 ]
 
 
+
 def register_opts(conf: cfg.ConfigOpts) -> None:
-    conf.register_group(libvirt_group)
-    conf.register_opts(libvirt_opts, group=libvirt_group)
+    groups.register_group(conf, libvirt_group, libvirt_opts)
 
 
 def list_opts() -> dict:

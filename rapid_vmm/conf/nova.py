@@ -3,6 +3,8 @@
 from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg
 
+from rapid_vmm.conf import groups
+
 nova_group = cfg.OptGroup(
     'nova', title='Nova driver',
     help='Options of the Nova driver. Authentication comes from a '
@@ -40,11 +42,11 @@ nova_opts = [
 ]
 
 
+
 def register_opts(conf: cfg.ConfigOpts) -> None:
-    conf.register_group(nova_group)
-    conf.register_opts(nova_opts, group=nova_group)
-    ks_loading.register_session_conf_options(conf, nova_group.name)
-    ks_loading.register_auth_conf_options(conf, nova_group.name)
+    group = groups.register_group(conf, nova_group, nova_opts)
+    ks_loading.register_session_conf_options(conf, group.name)
+    ks_loading.register_auth_conf_options(conf, group.name)
 
 
 def list_opts() -> dict:

@@ -1,0 +1,269 @@
+"""The agent as a process on RabbitMQ and libvirt's test hypervisor.
+
+The test plays the DS and the SLAM with real oslo.messaging RPC servers
+and drives the VMM with its client class, as the real peers would.
+"""
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import oslo_messaging as messaging
+import psutil
+import testtools
+
+from rapid_vmm import exception
+from rapid_vmm.tests.functional import agent as agent_fixture
+from rapid_vmm.tests.unit import test_manager
+
+LINUX = 0
+
+
+def start(api, user_id, **kwargs):
+    kwargs.setdefault('vcpus', 1)
+    kwargs.setdefault('memory_mb', 1024)
+    return api.start_vm({}, user_id=user_id, os_type=LINUX, **kwargs)
+
+
+class AgentTestCase(testtools.TestCase):
+
+    overrides: dict = {}
+
+    def setUp(self):
+        super().setUp()
+        self.agent = self.useFixture(
+            agent_fixture.AgentProcess(**self.overrides))
+        self.startup_s = self.agent.start()
+        self.api = self.agent.api
+
+    def wait_until(self, predicate, timeout=20, what='condition'):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                self.fail(f'{what} not reached in {timeout} s\n'
+                          f'{self.agent.log_tail()}')
+            time.sleep(0.1)
+
+
+class TestEveryMethod(AgentTestCase):
+
+    overrides = {'helper_vm_count': 1}
+
+    def test_full_flow(self):
+        ds, slam = self.agent.ds.recorder, self.agent.slam.recorder
+        ds.wait_for('register_vmm', timeout=30)
+        slam.wait_for('register_vmm', timeout=30)
+        ds.wait_for('notify_vmm', timeout=30)
+        ds.wait_for('notify_helper', timeout=30)
+
+        vm = start(self.api, 7, vcpus=2, memory_mb=2048)
+        self.assertEqual((7, 1, 2, 2048), (vm['user_id'], vm['status'],
+                                           vm['vcpus'], vm['memory_mb']))
+        slam.wait_for('vm_started', lambda kw: kw['vm']['user_id'] == 7)
+        self.assertEqual(vm['name'], start(self.api, 7)['name'])
+        self.assertEqual({'user_id': 7}, self.api.as_register(
+            {}, ip_address=vm['ip_address']))
+        self.assertIsNone(self.api.as_confirm({}, user_id=7))
+        info = self.api.get_vm_info({})
+        self.assertEqual({-1, 7}, {v['user_id'] for v in info})
+        for resource in ('cpu', 'memory', 'disk'):
+            usage = self.api.get_vm_usage({}, resource=resource, user_id=7)
+            self.assertEqual(7, usage[0]['user_id'])
+        self.assertEqual(2, self.api.suspend_vm({}, user_id=7)['status'])
+        self.assertEqual(3, self.api.resume_vm({}, user_id=7)['status'])
+        resized = self.api.change_flavor({}, user_id=7, vcpus=4)
+        self.assertEqual(4, resized['vcpus'])
+        self.assertFalse(self.api.confirm_flavor({}, user_id=7)[
+            'resize_pending'])
+        self.api.as_notify({}, user_id=7, action='suspend')
+        self.wait_until(lambda: self.api.get_vm_info({}, user_id=7)[0][
+            'status'] == 2, what='AS-requested suspend')
+        start(self.api, 8)
+        self.api.deregister_vm({}, user_id=8)
+        self.wait_until(lambda: 8 not in {v['user_id'] for v in
+                                          self.api.get_vm_info({})},
+                        what='DS deregistration')
+        self.assertIsNone(self.api.remove_vm({}, user_id=7))
+        status = self.api.get_host_status({})
+        self.assertEqual(4242, status['vmm_id'])
+        self.assertEqual([-1], [v['user_id'] for v in status['vms']])
+        statuses = [kw['status'] for kw in ds.calls('notify_vm')]
+        self.assertEqual([2, 3, 2, 4, 4], statuses)
+
+    def test_cast_start_reports_to_the_slam(self):
+        self.assertIsNone(self.api.start_vm({}, user_id=9, os_type=0,
+                                            vcpus=1, memory_mb=1024,
+                                            wait=False))
+        started = self.agent.slam.recorder.wait_for(
+            'vm_started', lambda kw: kw['vm']['user_id'] == 9, timeout=30)
+        self.assertTrue(started[0]['vm']['ip_address'])
+        # A cast that fails is reported to the SLAM too.
+        self.api.start_vm({}, user_id=10, os_type=7, vcpus=1,
+                          memory_mb=1024, wait=False)
+        failed = self.agent.slam.recorder.wait_for('vm_start_failed',
+                                                   timeout=30)
+        self.assertEqual((10, 'InvalidRequest'),
+                         (failed[0]['user_id'], failed[0]['error_class']))
+
+
+class TestConcurrency(AgentTestCase):
+
+    def test_fifty_concurrent_starts_for_one_user_make_one_vm(self):
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            vms = list(pool.map(lambda _: start(self.api, 77), range(50)))
+        self.assertEqual(1, len({vm['name'] for vm in vms}))
+        self.assertEqual(1, len(self.api.get_vm_info({})))
+        self.assertEqual(1, len(self.agent.ds.recorder.calls('register_vm')))
+
+    def test_hundred_concurrent_starts_for_distinct_users(self):
+        users = range(1000, 1100)
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            vms = list(pool.map(lambda u: start(self.api, u), users))
+        self.assertEqual(set(users), {vm['user_id'] for vm in vms})
+        self.assertEqual(100, len({vm['name'] for vm in vms}))
+        self.assertEqual(100, len({vm['ip_address'] for vm in vms}))
+        info = self.api.get_vm_info({})
+        self.assertEqual(set(users), {vm['user_id'] for vm in info})
+        registered = self.agent.ds.recorder.wait_for('register_vm',
+                                                     count=100)
+        self.assertEqual(set(users), {kw['user_id'] for kw in registered})
+
+
+class TestBadInput(AgentTestCase):
+
+    def test_every_method_refuses_bad_input_and_the_agent_serves(self):
+        start(self.api, 1)
+        before = self.api.get_vm_info({})
+        client = self.api.client.prepare(timeout=20)
+        for method, kwargs in test_manager.TestBadInput.CASES:
+            if method in ('as_notify', 'deregister_vm'):
+                client.cast({}, method, **kwargs)
+                continue
+            try:
+                client.call({}, method, **kwargs)
+            except exception.InvalidRequest:
+                continue
+            self.fail(f'{method}({kwargs}) was accepted')
+        error = self.assertRaises(messaging.RemoteError, client.call, {},
+                                  'format_disk')
+        self.assertEqual('NoSuchMethod', error.exc_type)
+        self.assertEqual(before, self.api.get_vm_info({}))
+        self.assertEqual(2, start(self.api, 2)['user_id'])
+        self.assertIsNone(self.agent.process.poll())
+
+
+class TestRestart(AgentTestCase):
+
+    overrides = {'helper_vm_count': 1}
+
+    def _populate(self):
+        self.agent.ds.recorder.wait_for('register_vmm', timeout=30)
+        self.agent.ds.recorder.wait_for('notify_helper', timeout=30)
+        vms = [start(self.api, user) for user in (21, 22)]
+        self.api.suspend_vm({}, user_id=22)
+        return vms
+
+    def _check_after_restart(self, vms):
+        ds = self.agent.ds.recorder
+        # State and identity kept: no second registration.
+        status = self.agent.wait_until_serving()
+        self.assertEqual(4242, status['vmm_id'])
+        self.agent.slam.recorder.wait_for('register_vmm', count=2,
+                                          timeout=30)
+        self.assertEqual(1, len(ds.calls('register_vmm')))
+        # test:///default starts empty in a new process: every VM of the
+        # previous run vanished, is kept as stopped and reported to the DS.
+        by_user = {v['user_id']: v for v in self.api.get_vm_info({})}
+        self.assertEqual({21: 4, 22: 4},
+                         {u: by_user[u]['status'] for u in (21, 22)})
+        for vm in vms:
+            ds.wait_for('notify_vm', lambda kw, vm_id=vm['vm_id']:
+                        kw == {'vm_id': vm_id, 'status': 4}, timeout=30)
+        # The helper is recreated; a user's next start gets a new VM.
+        self.wait_until(lambda: any(
+            v['helper'] and v['status'] == 1 and v['name'] not in
+            self._old_helpers for v in self.api.get_vm_info({})),
+            what='helper recreated')
+        again = start(self.api, 21)
+        self.assertEqual(1, again['status'])
+        self.assertNotEqual(vms[0]['name'], again['name'])
+        images = os.path.join(self.agent.values[('DEFAULT', 'data_path')],
+                              'instances')
+        disks = {n for n in os.listdir(images) if n.endswith('.qcow2')}
+        self.assertEqual(2, len(disks), disks)  # new helper + user 21
+
+    def _helpers(self):
+        return {v['name'] for v in self.api.get_vm_info({}) if v['helper']}
+
+    def test_sigterm_stops_within_ten_seconds_and_state_survives(self):
+        vms = self._populate()
+        self._old_helpers = self._helpers()
+        elapsed = self.agent.terminate()
+        self.assertLess(elapsed, 10)
+        self.assertEqual(0, self.agent.process.returncode)
+        self.agent.start()
+        self._check_after_restart(vms)
+
+    def test_sigkill_keeps_state_and_identity(self):
+        vms = self._populate()
+        self._old_helpers = self._helpers()
+        self.agent.kill()
+        self.agent.start()
+        self._check_after_restart(vms)
+
+    def test_killing_the_master_alone_takes_the_worker_down(self):
+        worker = self.agent.children()
+        self.assertTrue(worker)
+        os.kill(self.agent.process.pid, signal.SIGKILL)
+        _gone, alive = psutil.wait_procs(worker, timeout=15)
+        self.assertEqual([], alive)
+
+
+class TestPeersAbsent(testtools.TestCase):
+
+    def test_agent_serves_without_peers_and_registers_when_they_come(self):
+        agent = self.useFixture(agent_fixture.AgentProcess(peers=False))
+        agent.start()
+        vm = start(agent.api, 5)
+        self.assertIsNone(vm['vm_id'])
+        status = agent.api.get_host_status({})
+        self.assertEqual({'ds': False, 'slam': False}, status['registered'])
+        agent.start_peers()
+        agent.ds.recorder.wait_for('register_vmm', timeout=30)
+        agent.ds.recorder.wait_for('register_vm', timeout=30)
+        agent.slam.recorder.wait_for('register_vmm', timeout=30)
+        deadline = time.monotonic() + 10
+        while agent.api.get_vm_info({}, user_id=5)[0]['vm_id'] is None:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.1)
+
+
+class TestBadConfiguration(testtools.TestCase):
+
+    def _run(self, *lines):
+        path = self.useFixture(agent_fixture.fixtures.TempDir()).path
+        conf = os.path.join(path, 'bad.conf')
+        with open(conf, 'w') as conf_file:
+            conf_file.write('\n'.join(lines) + '\n')
+        result = subprocess.run(
+            [sys.executable, '-m', 'rapid_vmm.cmd.vmm', '--config-file',
+             conf], capture_output=True, text=True, timeout=60, check=False)
+        return result
+
+    def test_bad_configurations_stop_with_one_line(self):
+        for lines in (
+                ['[DEFAULT]', 'compute_driver = xen'],
+                ['[DEFAULT]', 'vm_types = 1,2 x 1024'],
+                ['[DEFAULT]', 'data_path = /proc/rapid-vmm'],
+                ['[DEFAULT]', 'data_path = /tmp/rapid-vmm-bad',
+                 '[libvirt]', 'normal_image = /nonexistent.qcow2'],
+                ['[DEFAULT]', 'report_interval = -1']):
+            result = self._run(*lines)
+            self.assertEqual(2, result.returncode, result.stderr)
+            stderr = result.stderr.strip().splitlines()
+            self.assertEqual(1, len(stderr), result.stderr)
+            self.assertTrue(stderr[0].startswith(
+                'rapid-vmm: configuration error:'), stderr[0])

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The README's "test" command, and what CI runs (.ci/run): set up this
+# machine, then run lint, the sample-config check, the unit and the
+# functional tests through tox. Extra arguments replace the list of tox
+# environments, e.g. `tools/run-tests.sh -e unit`.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$REPO/tools/setup-env.sh"
+VENV=${RAPID_VMM_VENV:-$REPO/.venv}
+cd "$REPO"
+if [ "$#" -eq 0 ]; then
+    set -- -e pep8,genconfig-check,unit,functional
+fi
+exec "$VENV/bin/tox" "$@"
