@@ -88,6 +88,7 @@ class VmmManager:
         if hasattr(self.driver, 'set_event_callback'):
             self.driver.set_event_callback(self._on_driver_event)
         self.reconciler.reconcile(startup=True)
+        self.driver.post_start()
 
     def stop(self) -> None:
         """Wake every wait so that in-flight requests end quickly."""

@@ -97,7 +97,7 @@ class VmmService(service.Service):
         """Stop the timers and give the loops ``timeout`` s to notice."""
         try:
             self.tg.stop_timers(wait=False)
-        except Exception:  # noqa: BLE001 - keep stopping
+        except Exception:
             LOG.exception('Stopping the timers failed')
         deadline = time.monotonic() + timeout
         for thread in list(self.tg.threads):

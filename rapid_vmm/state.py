@@ -1,4 +1,7 @@
-"""Durable state of the agent: identity, VM records and the image pool.
+"""Durable state of the agent: its identity and the VM records.
+
+(The libvirt image pool keeps its state in the file names of its disks,
+made complete by an atomic rename; see ``virt/libvirt/imagepool.py``.)
 
 One SQLite database (``<data_path>/state.sqlite``) in WAL mode with
 ``synchronous=FULL``: each change is one transaction, so the file is
@@ -50,12 +53,6 @@ CREATE TABLE vms (
     updated_at REAL NOT NULL
 );
 CREATE INDEX vms_ip ON vms (ip_address);
-CREATE TABLE image_pool (
-    path TEXT PRIMARY KEY,
-    template TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
 """
 
 _MIGRATIONS = {1: _SCHEMA_V1}
@@ -86,51 +83,76 @@ class StateStore:
         """Open (creating or migrating) the database.
 
         A file that is not a SQLite database, or is corrupt, is moved aside
-        as ``state.sqlite.corrupt-<time>`` and a fresh one is created: the
-        agent then rebuilds its records from the hypervisor.
+        (with its WAL) as ``state.sqlite.corrupt-<time>`` and a fresh one
+        is created: the agent then rebuilds its records from the
+        hypervisor.
 
-        :raises StateError: for a schema newer than this release knows, or a
-            directory that cannot be written.
+        :raises StateError: for a schema newer than this release knows
+            (the file is left untouched), or a directory or file that
+            cannot be written.
         """
         try:
             os.makedirs(self.data_path, mode=0o750, exist_ok=True)
         except OSError as exc:
             raise exception.StateError(path=self.path,
                                        reason=str(exc)) from exc
+        if not os.access(self.data_path, os.W_OK | os.X_OK):
+            raise exception.StateError(
+                path=self.path, reason=f'{self.data_path} is not writable')
         try:
             self._connect()
-        except sqlite3.DatabaseError as exc:
+        except exception.StateError:
             self._close_quietly()
-            aside = f'{self.path}.corrupt-{int(time.time())}'
-            LOG.error('State database %s is unreadable (%s); moved it to %s '
-                      'and starting from an empty state', self.path, exc,
-                      aside)
-            for suffix in ('', '-wal', '-shm'):
-                if os.path.exists(self.path + suffix):
-                    os.replace(self.path + suffix, aside + suffix)
-            self._connect()
+            raise
+        except sqlite3.OperationalError as exc:
+            # Locked, read-only, I/O error: not corruption; keep the file.
+            self._close_quietly()
+            raise exception.StateError(path=self.path,
+                                       reason=str(exc)) from exc
+        except sqlite3.DatabaseError as exc:
+            self._move_aside(exc)
+            try:
+                self._connect()
+            except sqlite3.Error as again:
+                self._close_quietly()
+                raise exception.StateError(path=self.path,
+                                           reason=str(again)) from again
+
+    def _move_aside(self, error: Exception) -> None:
+        """Keep a corrupt database (and its WAL) for a post-mortem."""
+        aside = f'{self.path}.corrupt-{time.time_ns()}'
+        LOG.error('State database %s is unreadable (%s); moved it to %s '
+                  'and starting from an empty state', self.path, error,
+                  aside)
+        # Move first: closing the connection would delete the WAL.
+        for suffix in ('', '-wal', '-shm'):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, aside + suffix)
+        self._close_quietly()
 
     def _connect(self) -> None:
         conn = sqlite3.connect(self.path, timeout=30,
                                check_same_thread=False,
                                isolation_level=None)
         self._conn = conn
-        conn.execute('PRAGMA journal_mode=WAL')
-        conn.execute('PRAGMA synchronous=FULL')
-        conn.execute('PRAGMA foreign_keys=ON')
-        result = conn.execute('PRAGMA quick_check').fetchone()
-        if result is None or result[0] != 'ok':
-            raise sqlite3.DatabaseError(f'quick_check: {result}')
-        self._migrate()
-
-    def _migrate(self) -> None:
-        version = self._conn.execute('PRAGMA user_version').fetchone()[0]
+        # Read the version before changing anything: a newer schema is
+        # refused with its file untouched.
+        version = conn.execute('PRAGMA user_version').fetchone()[0]
         if version > SCHEMA_VERSION:
             raise exception.StateError(
                 path=self.path,
                 reason=f'schema version {version} is newer than this '
                        f'release supports ({SCHEMA_VERSION}); refusing to '
                        'touch it')
+        conn.execute('PRAGMA journal_mode=WAL')
+        conn.execute('PRAGMA synchronous=FULL')
+        conn.execute('PRAGMA foreign_keys=ON')
+        result = conn.execute('PRAGMA quick_check').fetchone()
+        if result is None or result[0] != 'ok':
+            raise sqlite3.DatabaseError(f'quick_check: {result}')
+        self._migrate(version)
+
+    def _migrate(self, version: int) -> None:
         for target in range(version + 1, SCHEMA_VERSION + 1):
             LOG.info('Migrating state database %s to schema %d',
                      self.path, target)
@@ -230,38 +252,6 @@ class StateStore:
     def delete_vm(self, user_id: int) -> None:
         with self._transaction() as cur:
             cur.execute('DELETE FROM vms WHERE user_id = ?', (user_id,))
-
-    # -- image pool -------------------------------------------------------
-
-    def add_pool_image(self, path: str, template: str, state: str) -> None:
-        with self._transaction() as cur:
-            cur.execute('INSERT OR REPLACE INTO image_pool '
-                        '(path, template, state, created_at) '
-                        'VALUES (?, ?, ?, ?)',
-                        (path, template, state, time.time()))
-
-    def list_pool_images(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._conn.execute(
-                'SELECT path, template, state, created_at FROM image_pool '
-                'ORDER BY created_at').fetchall()
-        return [dict(zip(('path', 'template', 'state', 'created_at'), row,
-                         strict=True)) for row in rows]
-
-    def take_pool_image(self, template: str) -> str | None:
-        """Remove and return one ready pool image of ``template``."""
-        with self._transaction() as cur:
-            row = cur.execute('SELECT path FROM image_pool WHERE template = ? '
-                              "AND state = 'ready' ORDER BY created_at "
-                              'LIMIT 1', (template,)).fetchone()
-            if row is None:
-                return None
-            cur.execute('DELETE FROM image_pool WHERE path = ?', (row[0],))
-            return row[0]
-
-    def remove_pool_image(self, path: str) -> None:
-        with self._transaction() as cur:
-            cur.execute('DELETE FROM image_pool WHERE path = ?', (path,))
 
 
 class _Transaction:

@@ -196,6 +196,6 @@ def _destroy_all(manager) -> None:
                                 vcpus=1, memory_mb=1, disk_gb=0,
                                 disk_path=instance.disk_path)
             manager.driver.destroy(vm)
-    except Exception:  # noqa: BLE001 - best effort in a cleanup
+    except Exception:
         pass
 

@@ -104,6 +104,9 @@ class ComputeDriver(abc.ABC):
     def init_host(self) -> None:
         """Connect to the hypervisor or cloud; called once at start."""
 
+    def post_start(self) -> None:  # noqa: B027 - optional hook
+        """Start background work; called after the start-up reconcile."""
+
     def cleanup_host(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads; called once at stop."""
 

@@ -271,8 +271,8 @@ class TestLifecycle(ManagerTestCase):
         confirmed = self.api.confirm_flavor({}, user_id=52)
         self.assertFalse(confirmed['resize_pending'])
         self.assertEqual(confirmed, self.api.confirm_flavor({}, user_id=52))
-        instance = [i for i in self.f.manager.driver.list_instances()
-                    if i.name == vm['name']][0]
+        instance = next(i for i in self.f.manager.driver.list_instances()
+                    if i.name == vm['name'])
         self.assertEqual((4, 2048), (instance.vcpus, instance.memory_mb))
 
     def test_change_flavor_to_same_type_is_a_no_op(self):
@@ -383,7 +383,7 @@ class TestBadInput(ManagerTestCase):
                 client.call({}, method, **kwargs)
             except exception.InvalidRequest:
                 continue
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.fail(f'{method}({kwargs}) raised {exc!r}')
             self.fail(f'{method}({kwargs}) was accepted')
         self.assertEqual(before, self.api.get_vm_info({}))
@@ -575,7 +575,7 @@ class TestStopDuringWait(ManagerTestCase):
         def run():
             try:
                 start(self.api, 96)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 results['error'] = exc
 
         thread = threading.Thread(target=run)

@@ -29,6 +29,7 @@ from rapid_vmm.virt import driver
 from rapid_vmm.virt.libvirt import config as vconfig
 from rapid_vmm.virt.libvirt import host as vhost
 from rapid_vmm.virt.libvirt import imagebackend
+from rapid_vmm.virt.libvirt import imagepool
 
 LOG = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class LibvirtDriver(driver.ComputeDriver):
         self._host: vhost.Host | None = None
         self._images = imagebackend.ImageBackend(
             images_path(conf), conf.libvirt.image_mode)
+        self._pool: imagepool.ImagePool | None = None
         self._cpu_samples: dict[str, tuple[float, int]] = {}
         self._cpu_lock = threading.Lock()
         self._event_callback: Callable[[str | None, str], None] | None = None
@@ -112,7 +114,19 @@ class LibvirtDriver(driver.ComputeDriver):
             event_handler=self._on_event)
         self._host.start()
 
+    def post_start(self) -> None:
+        """Fill the image pool, now that start-up removed orphan disks."""
+        size = self.conf.libvirt.image_pool_size
+        if size > 0:
+            grid = flavors.parse_grid(self.conf.vm_types)
+            self._pool = imagepool.ImagePool(
+                self._images, self.conf.libvirt.normal_image, size,
+                grid.smallest.disk_gb)
+            self._pool.start()
+
     def cleanup_host(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
         if self._host is not None:
             self._host.stop()
 
@@ -211,8 +225,13 @@ class LibvirtDriver(driver.ComputeDriver):
         template = self.template_for(vm)
         disk_path = vm.disk_path or self._images.disk_path(vm.name)
         max_vcpus, max_memory = self._max_sizes(vm)
+        if self._lookup(vm.name) is not None:
+            raise exception.DriverError(
+                action='define domain',
+                reason=f'a domain called {vm.name} already exists')
+        dom = None
         try:
-            self._images.create(template, disk_path, vm.disk_gb)
+            self._make_disk(template, disk_path, vm.disk_gb)
             spec = vconfig.DomainSpec(
                 name=vm.name, domain_type=self._domain_type(),
                 vcpus=vm.vcpus, max_vcpus=max_vcpus,
@@ -234,21 +253,33 @@ class LibvirtDriver(driver.ComputeDriver):
         except Exception:
             LOG.warning('Creating %s failed; removing what was made',
                         vm.name)
-            self._destroy_quietly(vm.name, disk_path)
+            # Only what this call made: the disk, and the domain if it got
+            # as far as defining one (the name was free, checked above).
+            self._destroy_quietly(vm.name if dom is not None else None,
+                                  disk_path)
             raise
         LOG.info('Started domain %s (%s) for user %s', vm.name, driver_id,
                  vm.user_id)
         return driver.CreateResult(driver_id=driver_id, disk_path=disk_path,
                                    image=template)
 
-    def _destroy_quietly(self, name: str, disk_path: str | None) -> None:
-        try:
-            self._undefine(name)
-        except exception.DriverError as exc:
-            LOG.error('Cleaning up domain %s failed: %s', name, exc)
+    def _make_disk(self, template: str, disk_path: str, size_gb: int) -> None:
+        pool = self._pool
+        if pool is not None and template == pool.template and \
+                pool.take(disk_path, size_gb):
+            return
+        self._images.create(template, disk_path, size_gb)
+
+    def _destroy_quietly(self, name: str | None,
+                         disk_path: str | None) -> None:
+        if name is not None:
+            try:
+                self._undefine(name)
+            except exception.DriverError as exc:
+                LOG.error('Cleaning up domain %s failed: %s', name, exc)
+            self._images.delete(os.path.join(self._images.images_path,
+                                             name + '.console.log'))
         self._images.delete(disk_path)
-        self._images.delete(os.path.join(self._images.images_path,
-                                         name + '.console.log'))
 
     def _undefine(self, name: str) -> None:
         dom = self._lookup(name)
@@ -312,19 +343,20 @@ class LibvirtDriver(driver.ComputeDriver):
             raise exception.InvalidRequest(
                 reason=f'disk cannot shrink from {vm.disk_gb} GB to '
                        f'{new_type.disk_gb} GB')
+        # The disk first: it is the step a hypervisor may refuse, and
+        # nothing else has changed yet when it does.
+        if new_type.disk_gb > vm.disk_gb:
+            self._grow_disk(vm, dom, new_type.disk_gb)
         live = dom.isActive()
         scopes = [libvirt.VIR_DOMAIN_AFFECT_CONFIG]
         if live:
             scopes.insert(0, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         for scope in scopes:
             if new_type.vcpus != vm.vcpus:
-                self._run('set vCPUs', dom.setVcpusFlags, new_type.vcpus,
-                          scope)
+                self._set_vcpus(vm, dom, new_type.vcpus, scope)
             if new_type.memory_mb != vm.memory_mb:
                 self._run('set memory', dom.setMemoryFlags,
                           new_type.memory_mb * 1024, scope)
-        if new_type.disk_gb > vm.disk_gb:
-            self._grow_disk(vm, dom, new_type.disk_gb)
         template = self.template_for(vm)
         resized = vm.copy(vcpus=new_type.vcpus, memory_mb=new_type.memory_mb,
                           disk_gb=new_type.disk_gb)
@@ -335,6 +367,18 @@ class LibvirtDriver(driver.ComputeDriver):
                       libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                       vconfig.metadata_xml(metadata),
                       vconfig.METADATA_PREFIX, vconfig.METADATA_NS, scope)
+
+    def _set_vcpus(self, vm: objects.Vm, dom, vcpus: int, scope: int) -> None:
+        try:
+            self._run('set vCPUs', dom.setVcpusFlags, vcpus, scope)
+        except exception.DriverError as exc:
+            # Guests may refuse to unplug a vCPU (QEMU TCG does): the
+            # persistent config still changes and applies at next boot.
+            if scope != libvirt.VIR_DOMAIN_AFFECT_LIVE or vcpus > vm.vcpus:
+                raise
+            LOG.warning('The guest of %s refused to unplug vCPUs live (%s); '
+                        '%d vCPUs apply at its next boot', vm.name, exc,
+                        vcpus)
 
     def _grow_disk(self, vm: objects.Vm, dom, disk_gb: int) -> None:
         try:
@@ -525,8 +569,15 @@ class LibvirtDriver(driver.ComputeDriver):
         try:
             xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                                vconfig.METADATA_NS)
-        except libvirt.libvirtError:
-            return None
+        except libvirt.libvirtError as exc:
+            if vhost.error_code(exc) in (
+                    libvirt.VIR_ERR_NO_DOMAIN_METADATA,
+                    libvirt.VIR_ERR_NO_DOMAIN):
+                return None  # not ours, or gone since the listing
+            if vhost.is_connection_error(exc):
+                self._host.mark_broken()
+            raise exception.DriverError(action='read domain metadata',
+                                        reason=str(exc)) from exc
         values = vconfig.parse_metadata(xml)
         if values is None or values.get('owner') != self.conf.host:
             return None
@@ -549,10 +600,19 @@ class LibvirtDriver(driver.ComputeDriver):
             gpu_cores=values.get('gpu_cores', 0),
             disk_path=values.get('disk'), image=values.get('image'))
 
+    def _is_pool_disk(self, path: str) -> bool:
+        """A complete pool disk of the current normal template."""
+        if self.conf.libvirt.image_pool_size <= 0:
+            return False
+        key = imagepool.template_key(self.conf.libvirt.normal_image)
+        name = os.path.basename(path)
+        return (name.startswith(f'{imagepool.POOL_PREFIX}{key}-') and
+                not name.endswith('.part'))
+
     def cleanup_orphans(self, known_disks: set[str]) -> list[str]:
         removed = []
         for path in self._images.list_disks():
-            if path in known_disks:
+            if path in known_disks or self._is_pool_disk(path):
                 continue
             LOG.warning('Removing orphan disk %s (no VM record uses it)',
                         path)

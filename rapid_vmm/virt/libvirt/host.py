@@ -123,6 +123,7 @@ class Host:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=8, thread_name_prefix='libvirt-call')
         self._dispatcher: threading.Thread | None = None
+        self._reconnector: threading.Thread | None = None
 
     # -- connection -------------------------------------------------------
 
@@ -141,6 +142,8 @@ class Host:
         except exception.DriverError as exc:
             LOG.warning('libvirt at %s is not reachable yet: %s', self.uri,
                         exc)
+            with self._lock:
+                self._start_reconnecting()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -222,6 +225,31 @@ class Host:
             self._conn = None
             self._failures = max(self._failures, 1)
             self._next_attempt = 0.0
+            self._start_reconnecting()
+
+    def _start_reconnecting(self) -> None:
+        """Reconnect in the background, so that events (and the
+        reconciliation they trigger) resume without waiting for a
+        request. Caller holds the lock."""
+        if self._stopped.is_set():
+            return
+        if self._reconnector is not None and self._reconnector.is_alive():
+            return
+        self._reconnector = threading.Thread(
+            target=self._reconnect_loop, name='libvirt-reconnect',
+            daemon=True)
+        self._reconnector.start()
+
+    def _reconnect_loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self.get_connection()
+                return
+            except exception.DriverError as exc:
+                LOG.debug('Reconnecting to %s: %s', self.uri, exc)
+            with self._lock:
+                wait = max(self._next_attempt - time.monotonic(), 0.1)
+            self._stopped.wait(wait)
 
     # -- calls ------------------------------------------------------------
 

@@ -61,7 +61,11 @@ class ImageBackend:
 
     def template_info(self, template: str) -> dict:
         """``qemu-img info`` of a template, cached by path and mtime."""
-        key = f'{template}:{os.stat(template).st_mtime_ns}'
+        try:
+            key = f'{template}:{os.stat(template).st_mtime_ns}'
+        except OSError as exc:
+            raise exception.DriverError(action='read image',
+                                        reason=f'{template}: {exc}') from exc
         with self._lock:
             info = self._template_info.get(key)
         if info is None:
