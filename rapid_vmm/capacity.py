@@ -64,11 +64,15 @@ def shortfall(limits: Limits, usage: Usage, vm_type: flavors.VmType,
               ('disk GB', usage.disk_gb + vm_type.disk_gb, limits.disk_gb))
     for name, wanted, limit in checks:
         if wanted > limit:
-            return f'{name}: {wanted} needed, {limit:g} allowed'
+            return f'{name}: {wanted} needed, {_number(limit)} allowed'
     if limits.gpu_cores and usage.gpu_cores + gpu_cores > limits.gpu_cores:
         return (f'GPU cores: {usage.gpu_cores + gpu_cores} needed, '
                 f'{limits.gpu_cores} exist')
     return None
+
+
+def _number(value: float) -> str:
+    return f'{value:.0f}' if float(value).is_integer() else f'{value:.1f}'
 
 
 def check(limits: Limits, vms: list[objects.Vm], vm_type: flavors.VmType,
@@ -89,12 +93,20 @@ def available_types(grid: flavors.Grid, limits: Limits,
             if shortfall(limits, usage, t) is None]
 
 
-def legacy_available_types(grid: flavors.Grid,
-                           available: list[list[int]]) -> str:
-    """The original's ``availableType`` string: one digit per grid type.
+#: Length of the original VMM's ``availableType`` string.
+LEGACY_TYPE_DIGITS = 10
 
-    Digit ``i`` is ``1`` when type ``i`` (the DS's type number) fits.
+
+def legacy_available_types(grid: flavors.Grid, available: list[list[int]],
+                           width: int = LEGACY_TYPE_DIGITS) -> str:
+    """The original's ``availableType`` string: one digit per type number.
+
+    Digit ``i`` is ``1`` when type ``i`` (the DS's type number, see
+    :meth:`flavors.Grid.index`) still fits, else ``0``. The original sends
+    10 digits; types past the width cannot be expressed and a grid with
+    fewer types is padded with ``0``.
     """
     fits = {tuple(t) for t in available}
-    return ''.join('1' if tuple(t.as_list()) in fits else '0'
-                   for t in grid.types)
+    digits = ['1' if tuple(t.as_list()) in fits else '0'
+              for t in grid.types[:width]]
+    return ''.join(digits).ljust(width, '0')
