@@ -33,7 +33,7 @@ def _read_every_option(conf: cfg.ConfigOpts) -> None:
 
 def _check_data_path(path: str) -> None:
     try:
-        os.makedirs(path, mode=0o750, exist_ok=True)
+        os.makedirs(path, mode=0o711, exist_ok=True)
     except OSError as exc:
         raise exception.ConfigError(
             reason=f'data_path {path!r} cannot be created: {exc.strerror}'

@@ -92,7 +92,9 @@ class StateStore:
             cannot be written.
         """
         try:
-            os.makedirs(self.data_path, mode=0o750, exist_ok=True)
+            # 0711: others may traverse (QEMU, running as its own user, must
+            # reach instance disks under it) but not list.
+            os.makedirs(self.data_path, mode=0o711, exist_ok=True)
         except OSError as exc:
             raise exception.StateError(path=self.path,
                                        reason=str(exc)) from exc

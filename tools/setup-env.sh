@@ -11,7 +11,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${RAPID_VMM_VENV:-$REPO/.venv}
 PYTHON=${RAPID_VMM_PYTHON:-python3}
-APT_PACKAGES=(libvirt-dev pkg-config qemu-utils gcc python3-dev)
+APT_PACKAGES=(libvirt-dev pkg-config qemu-utils gcc python3-dev shellcheck)
 
 log() { printf '[setup-env] %s\n' "$*"; }
 
@@ -52,7 +52,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
     log "installing rapid-vmm and its requirements into $VENV"
     "$VENV/bin/pip" install -q --upgrade pip wheel
     "$VENV/bin/pip" install -q -c "$REPO/upper-constraints.txt" \
-        -r "$REPO/requirements.txt" -r "$REPO/test-requirements.txt" tox
+        -r "$REPO/requirements.txt" -r "$REPO/test-requirements.txt" \
+        tox tox-uv
     "$VENV/bin/pip" install -q -c "$REPO/upper-constraints.txt" \
         --no-build-isolation -e "$REPO"
     printf '%s\n' "$inputs" >"$stamp"

@@ -159,7 +159,9 @@ class ComputeDriver(abc.ABC):
 
         Keys of the inner dicts: cpu: ``cpu_util_percent``; memory:
         ``memory_mb``, ``memory_used_mb``; disk: ``capacity_bytes``,
-        ``allocation_bytes``. A figure the hypervisor does not report is
+        ``allocation_bytes`` (what the guest wrote; for a qcow2 overlay,
+        the highest written offset) and, where known, ``physical_bytes``
+        (what the disk file takes on the host). A figure the hypervisor does not report is
         None, never a made-up number.
         """
 

@@ -41,6 +41,8 @@ class AgentProcess(fixtures.Fixture):
 
     def _setUp(self):
         self.tempdir = self.useFixture(fixtures.TempDir()).path
+        # QEMU runs as another user (libvirt-qemu) and must reach the disks.
+        os.chmod(self.tempdir, 0o755)
         template = rfix.make_template(self.tempdir)
         self.values = rfix.agent_config(
             os.path.join(self.tempdir, 'data'), template,

@@ -107,6 +107,7 @@ class LibvirtDriver(driver.ComputeDriver):
 
     def init_host(self) -> None:
         self._images.ensure_directory()
+        self._check_traversable(self._images.images_path)
         self._host = vhost.Host(
             self.conf.libvirt.connection_uri,
             reconnect_max_interval=self.conf.libvirt.reconnect_max_interval,
@@ -123,6 +124,27 @@ class LibvirtDriver(driver.ComputeDriver):
                 self._images, self.conf.libvirt.normal_image, size,
                 grid.smallest.disk_gb)
             self._pool.start()
+
+    def _check_traversable(self, path: str) -> None:
+        """Warn when QEMU (another user) cannot reach the instance disks."""
+        if not self.conf.libvirt.connection_uri.startswith('qemu:///system'):
+            return
+        current = os.path.abspath(path)
+        while True:
+            try:
+                mode = os.stat(current).st_mode
+            except OSError:
+                return
+            if not mode & 0o001:
+                LOG.warning('%s is not traversable by other users: QEMU, '
+                            'running as its own user, will not reach the '
+                            'instance disks in %s (chmod o+x %s)', current,
+                            path, current)
+                return
+            parent = os.path.dirname(current)
+            if parent == current:
+                return
+            current = parent
 
     def cleanup_host(self) -> None:
         if self._pool is not None:
@@ -531,15 +553,16 @@ class LibvirtDriver(driver.ComputeDriver):
             if stats.get(f'block.{i}.name') == 'vda':
                 capacity = stats.get(f'block.{i}.capacity')
                 allocation = stats.get(f'block.{i}.allocation')
+                physical = stats.get(f'block.{i}.physical')
                 if capacity is not None:
                     return {'capacity_bytes': int(capacity),
-                            'allocation_bytes': (int(allocation) if
-                                                 allocation is not None
-                                                 else None),
+                            'allocation_bytes': _int_or_none(allocation),
+                            'physical_bytes': _int_or_none(physical),
                             'source': 'block-stats'}
         path = vm.disk_path or self._images.disk_path(vm.name)
+        physical = self._images.allocation(path)
         return {'capacity_bytes': vm.disk_gb * GiB,
-                'allocation_bytes': self._images.allocation(path),
+                'allocation_bytes': physical, 'physical_bytes': physical,
                 'source': 'disk-file'}
 
     # -- listing ----------------------------------------------------------
@@ -619,6 +642,10 @@ class LibvirtDriver(driver.ComputeDriver):
             self._images.delete(path)
             removed.append(path)
         return removed
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def _memory_usage(vm: objects.Vm, stats: dict) -> dict:
