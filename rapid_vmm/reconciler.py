@@ -44,8 +44,9 @@ class Reconciler:
         * a record whose instance is suspended, shut off or running again
           takes that status and the DS is told;
         * an instance of ours that no record knows is adopted;
-        * at start-up, records left half-built or half-deleted by a crash
-          are finished, and disks no record knows are removed.
+        * records left half-built or half-deleted by a crash (at start-up)
+          or by a removal the hypervisor refused (at any time) are
+          finished; at start-up, disks no record knows are removed.
 
         If the hypervisor cannot be asked, nothing changes: VMs are then
         "unknown", never deleted.
@@ -63,18 +64,11 @@ class Reconciler:
         self.driver_reachable = True
         by_name = {instance.name: instance for instance in instances}
         for vm in self.store.list_vms():
-            if startup and vm.task_state != Task.NONE.value:
-                with self.manager.user_lock(vm.user_id):
-                    LOG.warning('VM %s of user %s was left %s by a previous '
-                                'run; removing it', vm.name, vm.user_id,
-                                vm.task_state)
-                    self.manager.try_to('clean up ' + vm.name,
-                                        self.manager.delete_vm, vm)
-                    summary['cleaned'].append(vm.user_id)
-                continue
-            if vm.task_state != Task.NONE.value:
-                continue
-            self._reconcile_vm(vm, by_name.pop(vm.name, None), summary)
+            if vm.task_state == Task.NONE.value:
+                self._reconcile_vm(vm, by_name.pop(vm.name, None), summary)
+            elif startup or vm.task_state == Task.DELETING.value:
+                by_name.pop(vm.name, None)
+                self._finish(vm, startup, summary)
         for instance in by_name.values():
             self._consider_adoption(instance, summary)
         if startup:
@@ -86,6 +80,29 @@ class Reconciler:
             LOG.info('Reconciled with the hypervisor: %s',
                      {k: v for k, v in summary.items() if v})
         return summary
+
+    def _finish(self, vm: objects.Vm, startup: bool, summary: dict) -> None:
+        """Remove a VM whose start or removal did not complete.
+
+        A lock that is busy means a request is working on it right now:
+        left alone until the next pass.
+        """
+        try:
+            # At start-up nothing else runs: wait for the lock.
+            with self.manager.user_lock(vm.user_id, blocking=startup):
+                current = self.store.get_vm(vm.user_id)
+                if current is None or current.name != vm.name or \
+                        current.task_state == Task.NONE.value:
+                    return
+                LOG.warning('VM %s of user %s was left %s; removing it',
+                            vm.name, vm.user_id, current.task_state)
+                self.manager.try_to('clean up ' + vm.name,
+                                    self.manager.delete_vm, current)
+                if self.store.get_vm(vm.user_id) is None:
+                    summary['cleaned'].append(vm.user_id)
+        except lockutils.AcquireLockFailedException:
+            LOG.debug('VM of user %s is busy; finished next time',
+                      vm.user_id)
 
     def _reconcile_vm(self, vm: objects.Vm,
                       instance: virt_driver.Instance | None,

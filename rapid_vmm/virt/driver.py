@@ -161,8 +161,8 @@ class ComputeDriver(abc.ABC):
         ``memory_mb``, ``memory_used_mb``; disk: ``capacity_bytes``,
         ``allocation_bytes`` (what the guest wrote; for a qcow2 overlay,
         the highest written offset) and, where known, ``physical_bytes``
-        (what the disk file takes on the host). A figure the hypervisor does not report is
-        None, never a made-up number.
+        (what the disk file takes on the host). A figure the hypervisor
+        does not report is None, never a made-up number.
         """
 
     @abc.abstractmethod

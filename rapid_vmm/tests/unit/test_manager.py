@@ -469,8 +469,8 @@ class TestReconcile(ManagerTestCase):
     def test_unknown_domain_of_ours_is_adopted(self):
         vm = start(self.api, 72)
         self.f.manager.store.delete_vm(72)
-        summary = self.f.manager.reconciler.reconcile()
-        self.assertEqual([72], summary['adopted'])
+        # This pass or one that a libvirt event started adopts it.
+        self.f.manager.reconciler.reconcile()
         adopted = self.api.get_vm_info({}, user_id=72)[0]
         self.assertEqual((vm['name'], 1, 1024),
                          (adopted['name'], adopted['status'],

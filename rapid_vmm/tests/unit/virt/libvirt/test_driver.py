@@ -548,7 +548,7 @@ def test_usage_of_vm_without_domain(env):
     vm = env.vm(9)
     assert env.driver.usage([vm], 'disk') == {9: {
         'capacity_bytes': 20 * GiB, 'allocation_bytes': None,
-        'source': 'disk-file'}}
+        'physical_bytes': None, 'source': 'disk-file'}}
     assert env.driver.usage([], 'cpu') == {}
 
 
@@ -563,7 +563,8 @@ def test_usage_from_statistics(env, monkeypatch):
                        'block.0.name': 'hdc',
                        'block.1.name': 'vda',
                        'block.1.capacity': 20 * GiB,
-                       'block.1.allocation': 12345}}
+                       'block.1.allocation': 12345,
+                       'block.1.physical': 200704}}
     monkeypatch.setattr(env.driver, '_bulk_stats', lambda names: stats)
     monkeypatch.setattr(libvirt_driver.time, 'monotonic', lambda: now[0])
     assert env.driver.usage([vm], 'cpu')[1] == {
@@ -583,7 +584,7 @@ def test_usage_from_statistics(env, monkeypatch):
         'memory_mb': 2048, 'memory_used_mb': 500, 'source': 'balloon'}
     assert env.driver.usage([vm], 'disk')[1] == {
         'capacity_bytes': 20 * GiB, 'allocation_bytes': 12345,
-        'source': 'block-stats'}
+        'physical_bytes': 200704, 'source': 'block-stats'}
 
 
 @pytest.mark.parametrize('stats, expected', [
