@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The README's "test" command, and what CI runs (.ci/run): set up this
-# machine, then run lint, the sample-config check, the unit, functional
-# system and Nova tests through tox. Extra arguments replace the list of tox
-# environments, e.g. `tools/run-tests.sh -e unit`.
+# machine, then run lint, the sample-config check, and the unit,
+# functional, devstack-plugin, system and Nova tests through tox. Extra
+# arguments replace the list of tox environments, e.g.
+# `tools/run-tests.sh -e unit`.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$REPO/tools/setup-env.sh"
 VENV=${RAPID_VMM_VENV:-$REPO/.venv}
 cd "$REPO"
 if [ "$#" -eq 0 ]; then
-    set -- -e pep8,genconfig-check,unit,functional,system,nova
+    set -- -e pep8,genconfig-check,unit,functional,devstack,system,nova
 fi
 exec "$VENV/bin/tox" "$@"
