@@ -15,18 +15,14 @@ import oslo_messaging as messaging
 from rapid_vmm import rpc
 
 
-class DirectoryServerAPI:
-    """Client of the Directory Server API (topic ``ds_topic``).
-
-    API version history:
-
-    * 1.0 - register_vmm, notify_vmm, register_vm, notify_vm, notify_helper
-    """
+class _PeerAPI:
+    """A client of one peer's topic, with bounded retries and timeout."""
 
     VERSION = '1.0'
 
-    def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport):
-        target = messaging.Target(topic=conf.ds_topic, version=self.VERSION)
+    def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport,
+                 topic: str):
+        target = messaging.Target(topic=topic, version=self.VERSION)
         self.timeout = conf.peer_call_timeout
         self.client = rpc.get_client(transport, target, self.VERSION,
                                      timeout=self.timeout)
@@ -34,6 +30,18 @@ class DirectoryServerAPI:
     def _prepare(self):
         return self.client.prepare(retry=rpc.PEER_RETRY,
                                    timeout=self.timeout)
+
+
+class DirectoryServerAPI(_PeerAPI):
+    """Client of the Directory Server API (topic ``ds_topic``).
+
+    API version history:
+
+    * 1.0 - register_vmm, notify_vmm, register_vm, notify_vm, notify_helper
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport):
+        super().__init__(conf, transport, conf.ds_topic)
 
     def register_vmm(self, ctxt: dict, host: str, ip_address: str,
                      mac_type: int, cpu_load: float, cpu_count: int,
@@ -67,7 +75,7 @@ class DirectoryServerAPI:
                              ip_address=ip_address)
 
 
-class SlaManagerAPI:
+class SlaManagerAPI(_PeerAPI):
     """Client of the SLA Manager API (topic ``slam_topic``).
 
     Messages go to the topic, not to one server: whichever SLAM listens on
@@ -79,18 +87,8 @@ class SlaManagerAPI:
     * 1.0 - register_vmm, vm_started, vm_start_failed
     """
 
-    VERSION = '1.0'
-
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport):
-        target = messaging.Target(topic=conf.slam_topic,
-                                  version=self.VERSION)
-        self.timeout = conf.peer_call_timeout
-        self.client = rpc.get_client(transport, target, self.VERSION,
-                                     timeout=self.timeout)
-
-    def _prepare(self):
-        return self.client.prepare(retry=rpc.PEER_RETRY,
-                                   timeout=self.timeout)
+        super().__init__(conf, transport, conf.slam_topic)
 
     def register_vmm(self, ctxt: dict, host: str, vmm_id: int,
                      ip_address: str) -> Any:

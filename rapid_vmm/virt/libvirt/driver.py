@@ -161,10 +161,17 @@ class LibvirtDriver(driver.ComputeDriver):
     def _conn(self):
         return self._host.get_connection()
 
-    def _run(self, action: str, func: Callable[..., Any], *args: Any) -> Any:
-        """Call libvirt; a dropped connection is noticed and reported."""
+    def _run(self, action: str, func: Callable[..., Any], *args: Any,
+             timed: bool = False) -> Any:
+        """Call libvirt; a dropped connection is noticed and reported.
+
+        ``timed`` runs the call under ``libvirt.call_timeout`` (for calls
+        that can hang on a stuck domain or guest agent).
+        """
         conn = self._conn()
         try:
+            if timed:
+                return self._host.call(func, *args, action=action)
             return func(*args)
         except libvirt.libvirtError as exc:
             if vhost.is_connection_error(exc):
@@ -492,14 +499,9 @@ class LibvirtDriver(driver.ComputeDriver):
                   libvirt.VIR_DOMAIN_STATS_BLOCK)
         flags = getattr(libvirt, 'VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT',
                         0)
-        try:
-            records = self._host.call(conn.getAllDomainStats, groups, flags,
-                                      action='read domain statistics')
-        except libvirt.libvirtError as exc:
-            if vhost.is_connection_error(exc):
-                self._host.mark_broken(conn)
-            raise exception.DriverError(action='read domain statistics',
-                                        reason=str(exc)) from exc
+        records = self._run('read domain statistics',
+                            conn.getAllDomainStats, groups, flags,
+                            timed=True)
         result = {}
         for dom, stats in records:
             name = dom.name()
@@ -569,14 +571,8 @@ class LibvirtDriver(driver.ComputeDriver):
 
     def list_instances(self) -> list[driver.Instance]:
         conn = self._conn()
-        try:
-            domains = self._host.call(conn.listAllDomains, 0,
-                                      action='list domains')
-        except libvirt.libvirtError as exc:
-            if vhost.is_connection_error(exc):
-                self._host.mark_broken(conn)
-            raise exception.DriverError(action='list domains',
-                                        reason=str(exc)) from exc
+        domains = self._run('list domains', conn.listAllDomains, 0,
+                            timed=True)
         instances = []
         for dom in domains:
             instance = self._instance_of(dom)
