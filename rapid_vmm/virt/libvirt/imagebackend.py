@@ -1,5 +1,8 @@
 """Instance disks: qcow2 overlays of (or full copies of) a template.
 
+Overlays are written in-process (:mod:`rapid_vmm.virt.libvirt.qcow2`);
+copies, resizes and reading a template's format go through ``qemu-img``.
+
 Disks live in ``images_path`` and are named after their domain
 (``<name>.qcow2`` or ``<name>.img``), so a disk can always be traced to its
 VM; every file matching :data:`DISK_PATTERN` belongs to rapid-vmm and one
@@ -19,6 +22,7 @@ import threading
 from oslo_concurrency import processutils
 
 from rapid_vmm import exception
+from rapid_vmm.virt.libvirt import qcow2
 
 LOG = logging.getLogger(__name__)
 
@@ -79,23 +83,24 @@ class ImageBackend:
             return 'qcow2'
         return self.template_info(template).get('format', 'raw')
 
-    def create(self, template: str, path: str, size_gb: int) -> None:
+    def create(self, template: str, path: str, size_gb: int,
+               sync: bool = False) -> None:
         """Make the disk ``path`` from ``template``, ``size_gb`` large.
 
-        The disk is never smaller than the template's virtual size. A
-        failure leaves no file behind.
+        The disk is never smaller than the template's virtual size. An
+        overlay is written in-process (:mod:`qcow2`); a copy is a copy.
+        ``sync`` flushes the disk before returning. A failure leaves no
+        file behind.
 
-        :raises DriverError: when qemu-img or the copy fails.
+        :raises DriverError: when the disk cannot be made.
         """
         info = self.template_info(template)
         size = max(int(size_gb) * GiB, int(info.get('virtual-size', 0)))
         try:
             if self.mode == 'overlay':
-                processutils.execute(
-                    'qemu-img', 'create', '-q', '-f', 'qcow2',
-                    '-F', info.get('format', 'raw'),
-                    '-b', os.path.abspath(template), path, str(size),
-                    timeout=QEMU_IMG_TIMEOUT)
+                qcow2.create_overlay(path, os.path.abspath(template),
+                                     info.get('format', 'raw'), size,
+                                     sync=sync)
             else:
                 partial = path + '.part'
                 shutil.copyfile(template, partial)
@@ -104,8 +109,16 @@ class ImageBackend:
                         'qemu-img', 'resize', '-q', '-f',
                         info.get('format', 'raw'), partial, str(size),
                         timeout=QEMU_IMG_TIMEOUT)
+                if sync:
+                    with open(partial, 'rb') as disk:
+                        os.fsync(disk.fileno())
                 os.replace(partial, path)
-        except (processutils.ProcessExecutionError, OSError) as exc:
+        except FileExistsError as exc:
+            raise exception.DriverError(
+                action='create disk',
+                reason=f'{path} exists already') from exc
+        except (processutils.ProcessExecutionError, OSError,
+                ValueError) as exc:
             self.delete(path)
             self.delete(path + '.part')
             raise exception.DriverError(

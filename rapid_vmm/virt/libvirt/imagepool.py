@@ -80,7 +80,8 @@ class ImagePool:
         path = os.path.join(self.images.images_path,
                             f'{POOL_PREFIX}{self._key}-{token}{self._suffix}')
         partial = path + '.part'
-        self.images.create(self.template, partial, self.size_gb)
+        # Flushed before the rename: a complete name means complete data.
+        self.images.create(self.template, partial, self.size_gb, sync=True)
         os.replace(partial, path)
         return path
 
