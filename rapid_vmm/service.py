@@ -25,6 +25,9 @@ from rapid_vmm.virt import driver as virt_driver
 
 LOG = logging.getLogger(__name__)
 
+#: Seconds between two passes retiring idle RPC worker threads.
+POOL_MAINTENANCE_INTERVAL = 10
+
 
 class VmmService(service.Service):
     """The VM Manager agent of one host."""
@@ -65,6 +68,9 @@ class VmmService(service.Service):
         self.tg.add_timer_args(conf.report_interval,
                                self.manager.periodic_report,
                                initial_delay=0, stop_on_exception=False)
+        self.tg.add_timer_args(POOL_MAINTENANCE_INTERVAL, rpc.maintain_pools,
+                               initial_delay=POOL_MAINTENANCE_INTERVAL,
+                               stop_on_exception=False)
         self.tg.add_thread(self.manager.ensure_helpers)
         self.tg.add_thread(self.manager.run_registration)
         self.tg.add_thread(self.manager.run_reconcile_loop)
