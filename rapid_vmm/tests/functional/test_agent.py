@@ -267,3 +267,51 @@ class TestBadConfiguration(testtools.TestCase):
             self.assertEqual(1, len(stderr), result.stderr)
             self.assertTrue(stderr[0].startswith(
                 'rapid-vmm: configuration error:'), stderr[0])
+
+
+class TestOperatorCli(AgentTestCase):
+    """rapid-vmm-client against the agent, as an operator runs it."""
+
+    def cli(self, *args, check=True):
+        result = subprocess.run(
+            [sys.executable, '-m', 'rapid_vmm.cmd.client', '--config-file',
+             self.agent.config_file, *args],
+            capture_output=True, text=True, timeout=120, check=False)
+        if check:
+            self.assertEqual(0, result.returncode, result.stderr)
+        return result
+
+    def test_every_command(self):
+        import json
+        started = json.loads(self.cli('--json', 'start', '31', '--vcpus',
+                                      '2', '--memory-mb', '2048').stdout)
+        self.assertEqual((31, 2), (started['user_id'], started['vcpus']))
+        table = self.cli('list').stdout
+        self.assertIn('rapid-vm-31-', table)
+        self.assertIn('2 vCPU / 2048 MB / 20 GB', table)
+        status = self.cli('status').stdout
+        self.assertIn(f'Host            {self.agent.conf.host}', status)
+        self.assertIn('VMs             ', status)
+        usage = json.loads(self.cli('--json', 'usage', 'disk').stdout)
+        self.assertEqual(20 * 1024 ** 3, usage[0]['capacity_bytes'])
+        self.assertIn('suspended', self.cli('suspend', '31').stdout)
+        self.assertIn('resumed', self.cli('resume', '31').stdout)
+        self.assertIn('4 vCPU', self.cli('resize', '31', '--vcpus',
+                                         '4').stdout)
+        self.cli('confirm-resize', '31')
+        watch = self.cli('watch', '--count', '2', '--interval',
+                         '0.2').stdout
+        self.assertEqual(2, watch.count('== '))
+        self.assertIn('Removed', self.cli('remove', '31').stdout)
+        missing = self.cli('remove', '31', check=False)
+        self.assertEqual(1, missing.returncode)
+        self.assertEqual('error: VmNotFound: User 31 has no VM on this host.',
+                         missing.stderr.strip())
+        refused = self.cli('start', '32', '--vcpus', '0', check=False)
+        self.assertEqual(1, refused.returncode)
+        self.assertIn('InvalidRequest', refused.stderr)
+        absent = self.cli('--host', 'nobody-here', '--timeout', '3',
+                          'list', check=False)
+        self.assertEqual(1, absent.returncode)
+        self.assertIn("no answer from the agent 'nobody-here'",
+                      absent.stderr)
