@@ -160,7 +160,7 @@ class VmmManager:
                 self.reporter.vm_start_failed(context, user_id, exc)
             raise
         self.reporter.vm_started(context, vm)
-        return vm.to_record()
+        return self._record(vm)
 
     @rpc.remotable
     def resume_vm(self, context: dict, user_id: int) -> dict:
