@@ -85,8 +85,7 @@ class VmmManager:
         self.store.open()
         self.reporter.load_identity()
         self.driver.init_host()
-        if hasattr(self.driver, 'set_event_callback'):
-            self.driver.set_event_callback(self._on_driver_event)
+        self.driver.set_event_callback(self._on_driver_event)
         self.reconciler.reconcile(startup=True)
         self.driver.post_start()
 
@@ -574,10 +573,8 @@ class VmmManager:
         """Sample the host and report to the DS; never raises."""
         try:
             self.reporter.report()
-            sample_cpu = getattr(self.driver, 'sample_cpu', None)
-            if sample_cpu is not None:
-                sample_cpu([vm for vm in self.store.list_vms()
-                            if self._measurable(vm)])
+            self.driver.sample_cpu([vm for vm in self.store.list_vms()
+                                    if self._measurable(vm)])
         except Exception:
             LOG.exception('Resource report failed')
 

@@ -11,6 +11,7 @@ precise typed error) on failure, after cleaning up whatever it made half.
 """
 
 import abc
+from collections.abc import Callable
 import dataclasses
 import enum
 import logging
@@ -103,6 +104,16 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def init_host(self) -> None:
         """Connect to the hypervisor or cloud; called once at start."""
+
+    def set_event_callback(  # noqa: B027 - optional hook
+            self, callback: Callable[[str | None, str], None]) -> None:
+        """Receive ``callback(instance_name, event)`` for hypervisor events
+        (drivers that have events call it; ``None, 'reconnected'`` after a
+        lost connection came back)."""
+
+    def sample_cpu(self, vms: list[objects.Vm]) -> None:  # noqa: B027
+        """Cache a CPU sample of ``vms`` (called every report cycle), so
+        that the next ``usage(..., 'cpu')`` has a rate to give."""
 
     def post_start(self) -> None:  # noqa: B027 - optional hook
         """Start background work; called after the start-up reconcile."""

@@ -349,7 +349,8 @@ def test_rpc_servers_get_the_shrinking_pool():
         transport = rpc.get_transport(conf_fixture.conf)
         server = rpc.get_server(
             conf_fixture.conf, transport,
-            messaging.Target(topic=rapid_fixtures.unique('pool'), server='s'), [],
+            messaging.Target(topic=rapid_fixtures.unique('pool'),
+                             server='s'), [],
             pool_size=7)
         # oslo.messaging offers no public way to choose the pool: if a
         # release renames this attribute, this test says so.
