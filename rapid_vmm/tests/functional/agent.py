@@ -5,6 +5,9 @@
 test hypervisor, and can stop it with SIGTERM, kill it with SIGKILL and
 start it again on the same state. The test plays the DS and the SLAM with
 real oslo.messaging servers (:mod:`rapid_vmm.simulators`).
+
+The process control itself is :class:`AgentControl`, a plain class that the
+benchmarks (``benchmarks/_common.py``) use too.
 """
 
 import os
@@ -26,18 +29,148 @@ from rapid_vmm import simulators
 from rapid_vmm.tests import fixtures as rfix
 
 
-class AgentProcess(fixtures.Fixture):
+class AgentControl:
+    """Starts, waits for, stops and kills one ``rapid-vmm`` process (master
+    and worker) and reads its log.
+
+    A plain class: its user sets ``config_file`` (the agent's
+    configuration), ``log_file`` (the ``log_file`` of that configuration)
+    and ``api`` (a :class:`rpcapi.VmmAPI` on the agent's topic) before
+    :meth:`start`. ``stderr_path``: a file the agent's stderr is appended
+    to; None (default) keeps it in a pipe, read if the agent exits before
+    serving. ``failure``: the exception raised when it does not serve.
+    """
+
+    config_file: str
+    log_file: str
+    api: rpcapi.VmmAPI
+    stderr_path: str | None = None
+    failure: type[Exception] = AssertionError
+    process: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True, timeout: float = 60) -> float:
+        """Start the agent; with ``wait``, until it answers. Returns the
+        seconds from launch to the first answer."""
+        started = time.monotonic()
+        command = [sys.executable, '-m', 'rapid_vmm.cmd.vmm',
+                   '--config-file', self.config_file]
+        if self.stderr_path is None:
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                text=True, start_new_session=True)
+        else:
+            with open(self.stderr_path, 'ab') as stderr:
+                self.process = subprocess.Popen(
+                    command, stdout=subprocess.DEVNULL, stderr=stderr,
+                    start_new_session=True)
+        if wait:
+            self.wait_until_serving(timeout)
+        return time.monotonic() - started
+
+    def wait_until_serving(self, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        quick = self.api.client.prepare(timeout=2)
+        while True:
+            if self.process.poll() is not None:
+                raise self.failure(
+                    f'agent exited with {self.process.returncode}: '
+                    f'{self.stderr_tail()}\n{self.log_tail()}')
+            try:
+                return quick.call({}, 'get_host_status')
+            except messaging.MessagingTimeout:
+                if time.monotonic() > deadline:
+                    raise self.failure('agent not serving:\n' +
+                                       self.log_tail()) from None
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def processes(self) -> list[psutil.Process]:
+        """The master and its children (the worker); [] once reaped."""
+        try:
+            return [psutil.Process(self.process.pid), *self.children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def terminate(self, timeout: float = 30) -> float:
+        """SIGTERM the agent (its master process); seconds until it is gone
+        with every child."""
+        procs = [psutil.Process(self.process.pid), *self.children()]
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+        elapsed = time.monotonic() - started
+        for proc in alive:
+            proc.kill()
+        self.process.wait(5)
+        return elapsed
+
+    def kill(self) -> None:
+        """SIGKILL the agent: master and worker, as a crash would."""
+        procs = [psutil.Process(self.process.pid), *self.children()]
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        self.process.wait(5)
+
+    def stop_quietly(self, timeout: float = 15) -> float | None:
+        """:meth:`terminate` if the agent runs; its seconds, or None."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                return self.terminate(timeout=timeout)
+            except psutil.Error:
+                pass
+        return None
+
+    def log_tail(self, lines: int = 60) -> str:
+        return _tail(self.log_file, lines)
+
+    def stderr_tail(self, chars: int = 2000) -> str:
+        """The end of what the agent wrote on stderr (once it exited, when
+        that is a pipe)."""
+        if self.stderr_path is not None:
+            return _tail(self.stderr_path, 40)[-chars:]
+        if self.process is None or self.process.stderr is None:
+            return ''
+        return self.process.stderr.read()[-chars:]
+
+    def log_lines(self, needle: str) -> list[str]:
+        """The lines of the agent's log that contain ``needle``."""
+        try:
+            with open(self.log_file, encoding='utf-8',
+                      errors='replace') as log:
+                return [line for line in log if needle in line]
+        except OSError:
+            return []
+
+
+def _tail(path: str, lines: int) -> str:
+    try:
+        with open(path, encoding='utf-8', errors='replace') as log:
+            return ''.join(log.readlines()[-lines:])
+    except OSError:
+        return '(no log)'
+
+
+class AgentProcess(AgentControl, fixtures.Fixture):
     """One agent process plus simulated peers on RabbitMQ.
 
     Attributes: ``conf`` (the test side's ConfigOpts, same topics),
     ``api``, ``ds``, ``slam``, ``config_file``, ``log_file``, ``process``.
+    Process control: :class:`AgentControl`.
     """
 
     def __init__(self, peers: bool = True, **overrides):
         super().__init__()
         self.with_peers = peers
         self.overrides = overrides
-        self.process: subprocess.Popen | None = None
+        self.process = None
 
     def _setUp(self):
         self.tempdir = self.useFixture(fixtures.TempDir()).path
@@ -73,79 +206,3 @@ class AgentProcess(fixtures.Fixture):
         self.addCleanup(self.ds.stop)
         self.slam = simulators.sla_manager(self.conf, self.transport).start()
         self.addCleanup(self.slam.stop)
-
-    # -- process control ----------------------------------------------------
-
-    def start(self, wait: bool = True) -> float:
-        """Start the agent; with ``wait``, until it answers. Returns the
-        seconds from launch to the first answer."""
-        started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, '-m', 'rapid_vmm.cmd.vmm', '--config-file',
-             self.config_file],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True)
-        if wait:
-            self.wait_until_serving()
-        return time.monotonic() - started
-
-    def wait_until_serving(self, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        quick = self.api.client.prepare(timeout=2)
-        while True:
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f'agent exited with {self.process.returncode}: '
-                    f'{self.process.stderr.read()[-2000:]}\n'
-                    f'{self.log_tail()}')
-            try:
-                return quick.call({}, 'get_host_status')
-            except messaging.MessagingTimeout:
-                if time.monotonic() > deadline:
-                    raise AssertionError('agent not serving:\n' +
-                                         self.log_tail()) from None
-
-    def children(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def terminate(self, timeout: float = 30) -> float:
-        """SIGTERM the agent (its master process); seconds until it is gone
-        with every child."""
-        procs = [psutil.Process(self.process.pid), *self.children()]
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        _gone, alive = psutil.wait_procs(procs, timeout=timeout)
-        elapsed = time.monotonic() - started
-        for proc in alive:
-            proc.kill()
-        self.process.wait(5)
-        return elapsed
-
-    def kill(self) -> None:
-        """SIGKILL the agent: master and worker, as a crash would."""
-        procs = [psutil.Process(self.process.pid), *self.children()]
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        self.process.wait(5)
-
-    def stop_quietly(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            try:
-                self.terminate(timeout=15)
-            except psutil.Error:
-                pass
-
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            with open(self.log_file, encoding='utf-8',
-                      errors='replace') as log:
-                return ''.join(log.readlines()[-lines:])
-        except OSError:
-            return '(no log)'
