@@ -6,6 +6,7 @@ and in which power state; the records are the truth for who owns what.
 """
 
 import logging
+import threading
 
 from oslo_concurrency import lockutils
 
@@ -35,6 +36,9 @@ class Reconciler:
         self.reporter = manager.reporter
         #: False while the hypervisor cannot be asked (VMs are "unknown").
         self.driver_reachable = True
+        # One pass at a time: a pass started on an event and one started by
+        # the timer would otherwise race on the same VMs and flags.
+        self._pass_lock = threading.Lock()
 
     def reconcile(self, startup: bool = False) -> dict:
         """Bring the records in line with the hypervisor; SPEC F13.
@@ -51,6 +55,10 @@ class Reconciler:
         If the hypervisor cannot be asked, nothing changes: VMs are then
         "unknown", never deleted.
         """
+        with self._pass_lock:
+            return self._reconcile(startup)
+
+    def _reconcile(self, startup: bool) -> dict:
         summary = {'stopped': [], 'changed': [], 'adopted': [],
                    'cleaned': [], 'orphan_disks': []}
         try:

@@ -92,6 +92,12 @@ class Reporter:
         except (messaging.MessagingException, OSError) as exc:
             LOG.warning('%s failed: %s: %s', what, type(exc).__name__, exc)
             return None
+        except Exception as exc:
+            if not self._stopping.is_set():
+                raise
+            # The transport is being torn down under an in-flight call.
+            LOG.debug('%s abandoned while stopping: %r', what, exc)
+            return None
 
     # -- VM events --------------------------------------------------------
 
