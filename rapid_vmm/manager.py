@@ -572,8 +572,9 @@ class VmmManager:
     def periodic_report(self) -> None:
         """Sample the host and report to the DS; never raises."""
         try:
-            self.reporter.report()
-            self.driver.sample_cpu([vm for vm in self.store.list_vms()
+            vms = self.store.list_vms()
+            self.reporter.report(vms)
+            self.driver.sample_cpu([vm for vm in vms
                                     if self._measurable(vm)])
         except Exception:
             LOG.exception('Resource report failed')

@@ -234,10 +234,12 @@ class Reporter:
         with self._resources_lock:
             return self._last_resources
 
-    def sample_resources(self) -> dict:
-        """Sample the host and add what the state says about the VMs."""
+    def sample_resources(self, vms: list[objects.Vm] | None = None) -> dict:
+        """Sample the host and add what the state says about the VMs
+        (``vms``: the records, when the caller has just listed them)."""
         resources = dict(self.monitor.sample())
-        vms = self.store.list_vms()
+        if vms is None:
+            vms = self.store.list_vms()
         resources['vms_running'] = sum(1 for vm in vms if vm.is_running)
         resources['vms_suspended'] = sum(
             1 for vm in vms if vm.status == objects.VmStatus.SUSPENDED)
@@ -251,9 +253,9 @@ class Reporter:
             self._last_resources = resources
         return resources
 
-    def report(self) -> None:
+    def report(self, vms: list[objects.Vm] | None = None) -> None:
         """Sample the host and send ``notify_vmm`` (once registered)."""
-        resources = self.sample_resources()
+        resources = self.sample_resources(vms)
         if self.vmm_id is None:
             return
         self._peer_call('notify_vmm', self.ds.notify_vmm, AGENT_CONTEXT,
