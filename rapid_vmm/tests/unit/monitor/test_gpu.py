@@ -14,6 +14,7 @@ from rapid_vmm.tests.unit.monitor.fake_nvml import FakeMig
 from rapid_vmm.tests.unit.monitor.fake_nvml import FakeNvml
 from rapid_vmm.tests.unit.monitor.utils import DATA
 from rapid_vmm.tests.unit.monitor.utils import records
+from rapid_vmm.tests.unit.monitor.utils import skip_if_real_nvml_works
 
 V2 = FakeNvml.nvmlMemory_v2
 
@@ -470,16 +471,10 @@ def test_backend_change_at_run_time(conf):
 
 def test_real_pynvml_without_a_gpu(conf):
     try:
-        nvml = gpu.load_nvml()
+        gpu.load_nvml()
     except ImportError:
         pytest.skip('nvidia-ml-py is not installed')
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError:
-        pass
-    else:
-        nvml.nvmlShutdown()
-        pytest.skip('this machine has a working NVML')
+    skip_if_real_nvml_works()
     mon = gpu.GpuMonitor(conf)
 
     assert mon.sample() == []

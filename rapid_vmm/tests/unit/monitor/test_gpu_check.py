@@ -6,11 +6,11 @@ import pathlib
 
 import pytest
 
-from rapid_vmm.monitor import gpu
 from rapid_vmm.tests.unit.monitor.fake_nvml import FakeGpu
 from rapid_vmm.tests.unit.monitor.fake_nvml import FakeMig
 from rapid_vmm.tests.unit.monitor.fake_nvml import FakeNvml
 from rapid_vmm.tests.unit.monitor.utils import DATA
+from rapid_vmm.tests.unit.monitor.utils import skip_if_real_nvml_works
 
 TOOL = pathlib.Path(__file__).resolve().parents[4] / 'tools' / 'gpu-check.py'
 
@@ -169,19 +169,7 @@ def test_main_mig_instances_compared(check, fake_tool, tmp_path, capsys):
 
 
 def test_main_without_gpu_is_skipped(check, tmp_path, capsys):
-    try:
-        nvml = gpu.load_nvml()
-    except ImportError:
-        nvml = None
-    if nvml is not None:
-        try:
-            nvml.nvmlInit()
-        except nvml.NVMLError:
-            pass
-        else:
-            nvml.nvmlShutdown()
-            pytest.skip('this machine has a working NVML')
-
+    skip_if_real_nvml_works()
     status = check.main(['--nvidia-smi', str(tmp_path / 'none')])
 
     assert status == 77

@@ -2,6 +2,10 @@
 
 import pathlib
 
+import pytest
+
+from rapid_vmm.monitor import gpu
+
 DATA = pathlib.Path(__file__).parent / 'data'
 
 
@@ -11,3 +15,17 @@ def records(caplog, text, level=None):
             if r.name.startswith('rapid_vmm.monitor') and
             text in r.getMessage() and
             (level is None or r.levelno == level)]
+
+
+def skip_if_real_nvml_works() -> None:
+    """Skip a test that needs a machine where NVML cannot start."""
+    try:
+        nvml = gpu.load_nvml()
+    except ImportError:
+        return
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
+        return
+    nvml.nvmlShutdown()
+    pytest.skip('this machine has a working NVML')
