@@ -11,7 +11,6 @@ it, so a crash at any point leaves a record that start-up reconciliation
 finishes or cleans up: no VM and no disk is ever leaked.
 """
 
-import logging
 import threading
 import time
 from typing import Any
@@ -19,6 +18,7 @@ import uuid
 
 from oslo_concurrency import lockutils
 from oslo_config import cfg
+from oslo_log import log as logging
 import oslo_messaging as messaging
 
 from rapid_vmm import capacity

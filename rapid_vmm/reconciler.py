@@ -5,10 +5,10 @@ hypervisor event asks for it. The hypervisor is the truth for what exists
 and in which power state; the records are the truth for who owns what.
 """
 
-import logging
 import threading
 
 from oslo_concurrency import lockutils
+from oslo_log import log as logging
 
 from rapid_vmm import exception
 from rapid_vmm import objects

@@ -2,11 +2,11 @@
 
 import functools
 import inspect
-import logging
 import weakref
 
 import futurist
 from oslo_config import cfg
+from oslo_log import log as logging
 import oslo_messaging as messaging
 from oslo_messaging.rpc import dispatcher as rpc_dispatcher
 

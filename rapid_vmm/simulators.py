@@ -8,12 +8,12 @@ play the rest of a RAPID cloud around one agent.
 
 from collections.abc import Callable
 import itertools
-import logging
 import threading
 import time
 from typing import Any
 
 from oslo_config import cfg
+from oslo_log import log as logging
 import oslo_messaging as messaging
 
 from rapid_vmm import rpc

@@ -11,12 +11,13 @@ one (written by a later release) is refused rather than damaged.
 """
 
 import json
-import logging
 import os
 import sqlite3
 import threading
 import time
 from typing import Any
+
+from oslo_log import log as logging
 
 from rapid_vmm import exception
 from rapid_vmm import objects

@@ -10,7 +10,6 @@ records from libvirt alone. Only domains whose ``owner`` is this agent's
 
 from collections.abc import Callable
 import ipaddress
-import logging
 import os
 import shlex
 import shutil
@@ -20,6 +19,7 @@ import time
 from typing import Any
 
 from oslo_config import cfg
+from oslo_log import log as logging
 
 from rapid_vmm import exception
 from rapid_vmm import flavors

@@ -16,12 +16,12 @@ Threads:
 
 from collections.abc import Callable
 import concurrent.futures
-import logging
 import queue
 import threading
 import time
 from typing import Any
 
+from oslo_log import log as logging
 from oslo_utils import importutils
 
 from rapid_vmm import exception

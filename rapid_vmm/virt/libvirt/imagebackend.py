@@ -13,13 +13,13 @@ timeout, never through a shell.
 """
 
 import json
-import logging
 import os
 import re
 import shutil
 import threading
 
 from oslo_concurrency import processutils
+from oslo_log import log as logging
 
 from rapid_vmm import exception
 from rapid_vmm.virt.libvirt import qcow2

@@ -13,12 +13,12 @@ ready; helper VMs, rare, get their disks on demand.
 """
 
 import hashlib
-import logging
 import os
 import threading
 import uuid
 
 from oslo_concurrency import processutils
+from oslo_log import log as logging
 
 from rapid_vmm import exception
 from rapid_vmm.virt.libvirt import imagebackend

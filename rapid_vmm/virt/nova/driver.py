@@ -17,7 +17,6 @@ a server that failed to build is deleted before the error is raised.
 """
 
 import concurrent.futures
-import logging
 import threading
 import time
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from keystoneauth1 import exceptions as ks_exceptions
 from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg
+from oslo_log import log as logging
 
 from rapid_vmm import exception
 from rapid_vmm import flavors
