@@ -11,7 +11,7 @@ as given. Both forms survive the round trip through oslo.messaging, which
 rebuilds the exception from ``args`` and ``kwargs``.
 """
 
-import logging
+from oslo_log import log as logging
 
 LOG = logging.getLogger(__name__)
 
@@ -97,6 +97,33 @@ class StateError(RapidVmmException):
     """The state database is unreadable or of an unknown schema."""
 
     msg_fmt = 'State database %(path)s: %(reason)s'
+
+
+class InstanceNotOurs(VmStateConflict):
+    """The hypervisor's instance is not recognisably this agent's.
+
+    Its owner is another ``host``, or its metadata is missing or
+    unreadable: the agent refuses to destroy or change it.
+    """
+
+    msg_fmt = ('The instance %(name)s of user %(user_id)s is not '
+               'recognisably this agent\'s (%(reason)s); it is left alone '
+               'for the operator.')
+
+
+class PeerError(RapidVmmException):
+    """A message to the DS or the SLAM failed (never raised to callers)."""
+
+    msg_fmt = '%(method)s to the %(peer)s failed: %(reason)s'
+
+
+class PeerUnavailable(PeerError):
+    """The message may not have arrived (no broker, no answer, refused
+    connection): worth sending again."""
+
+
+class PeerRejected(PeerError):
+    """The peer answered with an error or an unusable reply."""
 
 
 #: Errors a VMM API method may raise to its caller on purpose.

@@ -13,24 +13,23 @@ are best effort and logged; a VM the DS could not register keeps
 """
 
 from collections.abc import Callable
-import logging
 import threading
 import time
 from typing import Any
 
 from oslo_config import cfg
-import oslo_messaging as messaging
+from oslo_log import log as logging
 
 from rapid_vmm import capacity
 from rapid_vmm import exception
 from rapid_vmm import flavors
 from rapid_vmm import objects
+from rapid_vmm import peers
 from rapid_vmm import state
 
 LOG = logging.getLogger(__name__)
 
-#: ``mac_type`` the original VMM sends the DS for a Linux host.
-MAC_TYPE_LINUX = 4
+MAC_TYPE_LINUX = peers.MAC_TYPE_LINUX
 
 #: Context of the agent's own requests to its peers.
 AGENT_CONTEXT: dict = {}
@@ -89,7 +88,7 @@ class Reporter:
         """Call a peer; a failure is logged and gives None."""
         try:
             return func(*args, **kwargs)
-        except (messaging.MessagingException, OSError) as exc:
+        except exception.PeerError as exc:
             LOG.warning('%s failed: %s: %s', what, type(exc).__name__, exc)
             return None
         except Exception as exc:
@@ -214,8 +213,7 @@ class Reporter:
             try:
                 if attempt():
                     return True
-            except (messaging.MessagingException, OSError,
-                    exception.RapidVmmException) as exc:
+            except exception.RapidVmmException as exc:
                 LOG.warning('Registration with the %s failed (%s: %s); '
                             'retrying in %.0f s', name, type(exc).__name__,
                             str(exc).splitlines()[0] if str(exc) else '',

@@ -8,11 +8,11 @@ they are absent), a timer reports host resources every
 ``reconcile_interval`` seconds or when a hypervisor event asks for it.
 """
 
-import logging
 import threading
 import time
 
 from oslo_config import cfg
+from oslo_log import log as logging
 import oslo_messaging as messaging
 from oslo_service import service
 
@@ -43,13 +43,17 @@ class VmmService(service.Service):
     def build_manager(self, transport) -> vmm_manager.VmmManager:
         """Assemble the manager from the configured parts."""
         conf = self.conf
-        return vmm_manager.VmmManager(
+        built: list[vmm_manager.VmmManager] = []
+        ds_api, slam_api = peers.load(
+            conf, transport, lambda: built[0].reporter.identity)
+        manager = vmm_manager.VmmManager(
             conf,
             driver=virt_driver.load_driver(conf),
             store=state.StateStore(conf.data_path),
             monitor=monitor.ResourceMonitor(conf),
-            ds_api=peers.DirectoryServerAPI(conf, transport),
-            slam_api=peers.SlaManagerAPI(conf, transport))
+            ds_api=ds_api, slam_api=slam_api)
+        built.append(manager)
+        return manager
 
     def start(self) -> None:
         super().start()

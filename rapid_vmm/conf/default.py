@@ -34,6 +34,13 @@ rpc_opts = [
     cfg.IntOpt('max_concurrent_requests', default=100, min=1, max=10000,
                help='Size of the worker pool that handles RPC requests '
                     '(and legacy connections). Requests beyond it wait.'),
+    cfg.StrOpt('peer_protocol', default='rpc',
+               choices=[('rpc', 'the DS and SLAM APIs over oslo.messaging'),
+                        ('legacy', 'the original RAPID TCP protocol, to '
+                                   'the original Java DS and SLAM '
+                                   '([legacy] ds_host, ds_port)')],
+               help='How this VMM talks to the Directory Server and the '
+                    'SLA Manager.'),
     cfg.IntOpt('peer_call_timeout', default=10, min=1,
                help='Seconds a call to the Directory Server or the SLA '
                     'Manager may take before it is given up and retried '

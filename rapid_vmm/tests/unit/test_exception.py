@@ -26,6 +26,14 @@ KWARGS = {
     exception.AsNotReady: {'user_id': 7},
     exception.ConfigError: {'reason': 'unknown driver'},
     exception.StateError: {'path': '/x/state.sqlite', 'reason': 'corrupt'},
+    exception.InstanceNotOurs: {'name': 'rapid-vm-7-x', 'user_id': 7,
+                                'reason': 'owner is other-host'},
+    exception.PeerError: {'method': 'notify_vm', 'peer': 'DS',
+                          'reason': 'timeout'},
+    exception.PeerUnavailable: {'method': 'notify_vm', 'peer': 'DS',
+                                'reason': 'timeout'},
+    exception.PeerRejected: {'method': 'register_vmm', 'peer': 'DS',
+                             'reason': 'ERROR'},
 }
 
 EXPECTED_MESSAGES = {
@@ -44,6 +52,12 @@ EXPECTED_MESSAGES = {
     exception.AsNotReady: 'The Acceleration Server of user 7 is not ready.',
     exception.ConfigError: 'Bad configuration: unknown driver',
     exception.StateError: 'State database /x/state.sqlite: corrupt',
+    exception.InstanceNotOurs:
+        "The instance rapid-vm-7-x of user 7 is not recognisably this "
+        "agent's (owner is other-host); it is left alone for the operator.",
+    exception.PeerError: 'notify_vm to the DS failed: timeout',
+    exception.PeerUnavailable: 'notify_vm to the DS failed: timeout',
+    exception.PeerRejected: 'register_vmm to the DS failed: ERROR',
 }
 
 ROUND_TRIP = sorted(set(exception.EXPECTED_ERRORS) |
