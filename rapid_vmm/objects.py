@@ -15,11 +15,21 @@ class VmStatus(enum.IntEnum):
 
 
 class TaskState(enum.Enum):
-    """What the agent is doing to a VM; persisted for crash recovery."""
+    """What the agent is doing to a VM; persisted before it acts, so that a
+    restart finishes or rolls back what was in flight.
+
+    ``UNKNOWN`` is not an operation: reconciliation sets it when the
+    hypervisor cannot vouch for the VM's instance (absent but not yet
+    confirmed, foreign or unreadable metadata, stopped by a fault).
+    """
 
     NONE = ''
     BUILDING = 'building'
+    RESUMING = 'resuming'
+    SUSPENDING = 'suspending'
+    RESIZING = 'resizing'
     DELETING = 'deleting'
+    UNKNOWN = 'unknown'
 
 
 class OsType(enum.IntEnum):
@@ -64,6 +74,16 @@ class Vm:
     ip_address: str | None = None
     as_ready: bool = False
     pending_resize: dict | None = None
+    #: The most memory the instance may grow to (capacity accounts it).
+    memory_max_mb: int = 0
+    #: Suspended with its memory saved to disk: it holds no host RAM.
+    saved: bool = False
+    #: Why ``task_state`` is unknown, or what the hypervisor said.
+    state_reason: str = ''
+    #: How the VM's AS registered: 'rpc', 'legacy' or None (not yet).
+    as_protocol: str | None = None
+    #: What the operation in ``task_state`` wants (e.g. a resize target).
+    intent: dict | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
 

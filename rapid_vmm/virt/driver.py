@@ -14,10 +14,10 @@ import abc
 from collections.abc import Callable
 import dataclasses
 import enum
-import logging
 from typing import Any
 
 from oslo_config import cfg
+from oslo_log import log as logging
 import stevedore
 
 from rapid_vmm import exception
@@ -36,10 +36,31 @@ class PowerState(enum.Enum):
     """Power state of an instance as the hypervisor reports it."""
 
     RUNNING = 'running'
+    #: Paused or saved by a suspend (``Instance.saved`` tells which).
     SUSPENDED = 'suspended'
     SHUTOFF = 'shutoff'
     CRASHED = 'crashed'
+    #: Present but stopped by a fault, not by a request: paused on an I/O
+    #: error, Nova's ERROR. Never reported as suspended.
+    ERROR = 'error'
     BUILDING = 'building'
+    UNKNOWN = 'unknown'
+
+
+class Presence(enum.Enum):
+    """What the hypervisor says about the instance of one VM record.
+
+    Only ``ABSENT`` means gone, and only when the hypervisor answered a
+    lookup by the instance's UUID (or, for a record that has none yet, by
+    its name) with "no such instance". ``FOREIGN`` and ``UNREADABLE``
+    instances exist and are never touched; ``UNKNOWN`` means the question
+    could not be asked.
+    """
+
+    OURS = 'ours'
+    FOREIGN = 'foreign'
+    UNREADABLE = 'unreadable'
+    ABSENT = 'absent'
     UNKNOWN = 'unknown'
 
 
@@ -54,10 +75,12 @@ class HostCapacity:
 
 @dataclasses.dataclass
 class Instance:
-    """An instance of ours found on the hypervisor.
+    """An instance found on the hypervisor, with our metadata.
 
     Built from the metadata the driver stored with the instance, so the
-    state of the agent can be rebuilt from the hypervisor alone.
+    state of the agent can be rebuilt from the hypervisor alone:
+    ``identity`` holds the VMM's ``vmm_id`` (and ``slam_host``,
+    ``slam_port``), ``vm_id`` the DS id of the VM.
     """
 
     driver_id: str
@@ -72,6 +95,34 @@ class Instance:
     gpu_cores: int = 0
     disk_path: str | None = None
     image: str | None = None
+    owner: str | None = None
+    vm_id: int | None = None
+    identity: dict = dataclasses.field(default_factory=dict)
+    #: The most memory the instance can grow to without a restart.
+    memory_max_mb: int = 0
+    #: Suspended with its memory written to disk (libvirt managed save,
+    #: Nova suspend): it holds no host RAM.
+    saved: bool = False
+    #: Why the power state is what it is, when the hypervisor says
+    #: (e.g. ``paused: I/O error``).
+    state_reason: str = ''
+
+
+@dataclasses.dataclass
+class Observation:
+    """The hypervisor's answer about one VM record (:meth:`observe`).
+
+    ``instance`` is set for ``OURS``; for ``FOREIGN`` it is set when the
+    metadata could be read (its ``owner`` says whose it is). ``name`` and
+    ``driver_id`` are what the hypervisor has; ``reason`` says why an
+    instance is foreign, unreadable or unknown.
+    """
+
+    presence: Presence
+    instance: Instance | None = None
+    name: str | None = None
+    driver_id: str | None = None
+    reason: str = ''
 
 
 @dataclasses.dataclass
@@ -126,10 +177,15 @@ class ComputeDriver(abc.ABC):
         """Return vCPUs, memory MB and disk GB the host has for VMs."""
 
     @abc.abstractmethod
-    def create(self, vm: objects.Vm) -> CreateResult:
+    def create(self, vm: objects.Vm,
+               identity: dict | None = None) -> CreateResult:
         """Create and start ``vm`` (name, size, OS type, helper index).
 
+        The instance's metadata carries the owner (``host``), the record's
+        fields, ``vm.memory_max_mb`` and ``identity`` (``vmm_id``, ...).
         On failure everything made is removed before the error is raised.
+
+        :raises InvalidRequest: for an OS type with no template or image.
         """
 
     @abc.abstractmethod
@@ -144,8 +200,10 @@ class ComputeDriver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def suspend(self, vm: objects.Vm) -> None:
-        """Suspend a running VM."""
+    def suspend(self, vm: objects.Vm) -> bool:
+        """Suspend a running VM; True when its memory was released to disk
+        (``suspend_mode = save``; Nova's suspend), False when it is paused
+        in RAM."""
 
     @abc.abstractmethod
     def resume(self, vm: objects.Vm) -> None:
@@ -153,7 +211,15 @@ class ComputeDriver(abc.ABC):
 
     @abc.abstractmethod
     def destroy(self, vm: objects.Vm) -> None:
-        """Remove the VM and its disk. Absent parts are not an error."""
+        """Remove the VM's instance and its disk (an explicit request).
+
+        The instance is found by ``vm.driver_id`` (or by name when the
+        record has none). Absent parts are not an error; a disk that
+        another instance uses is kept.
+
+        :raises InstanceNotOurs: when the instance found has another owner
+            or unreadable metadata: nothing is destroyed.
+        """
 
     @abc.abstractmethod
     def resize(self, vm: objects.Vm, new_type: flavors.VmType) -> None:
@@ -177,27 +243,62 @@ class ComputeDriver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def list_instances(self) -> list[Instance]:
-        """Return every instance that this agent made on the hypervisor.
+    def list_instances(self, owners: set[str] | None = None
+                       ) -> list[Instance]:
+        """Every instance whose metadata names one of ``owners`` (default:
+        this agent's ``host``) as its owner: the candidates for adoption.
 
         :raises DriverError: when the hypervisor cannot be asked; callers
             then treat every VM as unknown, never as deleted.
         """
 
-    def get_instance(self, name: str) -> Instance | None:
-        """Return our instance called ``name`` as it is now, or None.
+    def observe(self, vms: list[objects.Vm]) -> dict[str, Observation]:
+        """What the hypervisor says about the instance of each record.
 
-        Drivers override this with a direct lookup; reconciliation uses it
-        to confirm a difference before acting on it.
+        Keyed by ``vm.name``. Each record's instance is looked up by its
+        ``driver_id`` (libvirt UUID, Nova server id), or by its name when
+        the record has no id yet (a start cut short). ``ABSENT`` only when
+        that lookup answered "no such instance"; any other failure for one
+        VM is ``UNKNOWN`` for that VM.
+
+        :raises DriverError: when the hypervisor cannot be asked at all.
         """
-        for instance in self.list_instances():
-            if instance.name == name:
-                return instance
-        return None
+        raise NotImplementedError
+
+    def update_metadata(self, vm: objects.Vm, identity: dict,
+                        claim_from: str | None = None) -> None:
+        """Write ``vm.vm_id``, ``identity`` (``vmm_id``, ``slam_host``,
+        ``slam_port``) and this agent's ``host`` as owner into the metadata
+        of the VM's instance, so a lost state can be rebuilt from it.
+
+        :param claim_from: a previous ``host`` of this agent (a declared
+            rename): an instance owned by it is taken over.
+        :raises InstanceNotOurs: when the instance belongs to another owner.
+        :raises DriverError: when the hypervisor refuses.
+        """
+        raise NotImplementedError
+
+    def memory_ceiling_mb(self, memory_mb: int) -> int:
+        """The maximum memory an instance of ``memory_mb`` is defined with:
+        what it may grow to without a restart, and what capacity accounts.
+
+        Default: its own size (no growth without a restart).
+        """
+        return memory_mb
 
     def cleanup_orphans(self, known_disks: set[str]) -> list[str]:
-        """Remove disks this driver made that no record knows; list them."""
+        """Delayed clean-up of disks that no record and no instance uses.
+
+        A disk is a candidate only when no record knows it and no instance
+        of any owner uses it; it is moved aside first and deleted only
+        after a grace period. Does nothing when the hypervisor cannot be
+        asked. Returns the paths moved aside or deleted in this pass.
+        """
         return []
+
+    def connection_state(self) -> str:
+        """A few words on the driver's connection, for diagnostics."""
+        return 'unknown'
 
 
 def driver_name(conf: cfg.ConfigOpts) -> str:
