@@ -10,6 +10,7 @@ is SQLite's ``user_version``; older schemas are migrated forward, a newer
 one (written by a later release) is refused rather than damaged.
 """
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -25,7 +26,7 @@ from rapid_vmm import objects
 LOG = logging.getLogger(__name__)
 
 DB_NAME = 'state.sqlite'
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (
@@ -56,13 +57,57 @@ CREATE TABLE vms (
 CREATE INDEX vms_ip ON vms (ip_address);
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1}
+# v2: lifecycle states (intent), memory ceiling, managed save, the AS's
+# protocol, and the outbox of messages to the DS and the SLAM.
+_SCHEMA_V2 = """
+ALTER TABLE vms ADD COLUMN memory_max_mb INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE vms ADD COLUMN saved INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE vms ADD COLUMN state_reason TEXT NOT NULL DEFAULT '';
+ALTER TABLE vms ADD COLUMN as_protocol TEXT;
+ALTER TABLE vms ADD COLUMN intent TEXT;
+CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    lane TEXT NOT NULL,
+    method TEXT NOT NULL,
+    args TEXT NOT NULL,
+    vm_key TEXT,
+    request_id TEXT,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX outbox_lane ON outbox (lane, seq);
+CREATE INDEX outbox_vm ON outbox (vm_key);
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 _VM_COLUMNS = ('user_id', 'vm_id', 'name', 'status', 'task_state', 'vcpus',
                'memory_mb', 'disk_gb', 'gpu_cores', 'os_type', 'helper',
                'driver_id', 'image', 'disk_path', 'ip_address', 'as_ready',
-               'pending_resize', 'created_at', 'updated_at')
+               'pending_resize', 'memory_max_mb', 'saved', 'state_reason',
+               'as_protocol', 'intent', 'created_at', 'updated_at')
 _SELECT = ', '.join(_VM_COLUMNS)
+_JSON_COLUMNS = ('pending_resize', 'intent')
+_BOOL_COLUMNS = ('as_ready', 'saved')
+
+_OUTBOX_COLUMNS = ('seq', 'lane', 'method', 'args', 'vm_key', 'request_id',
+                   'created_at', 'attempts', 'last_error')
+
+
+@dataclasses.dataclass
+class OutboxMessage:
+    """One message of the outbox, waiting to be delivered in order."""
+
+    seq: int
+    lane: str
+    method: str
+    args: dict
+    vm_key: str | None = None
+    request_id: str | None = None
+    created_at: float = 0.0
+    attempts: int = 0
+    last_error: str | None = None
 
 
 class StateStore:
@@ -159,11 +204,11 @@ class StateStore:
         for target in range(version + 1, SCHEMA_VERSION + 1):
             LOG.info('Migrating state database %s to schema %d',
                      self.path, target)
-            with self._transaction() as cur:
+            with self.transaction() as txn:
                 for statement in _MIGRATIONS[target].split(';'):
                     if statement.strip():
-                        cur.execute(statement)
-                cur.execute(f'PRAGMA user_version = {int(target)}')
+                        txn.cursor.execute(statement)
+                txn.cursor.execute(f'PRAGMA user_version = {int(target)}')
 
     def close(self) -> None:
         with self._lock:
@@ -177,7 +222,14 @@ class StateStore:
                 LOG.warning('Closing %s failed: %s', self.path, exc)
             self._conn = None
 
-    def _transaction(self):
+    def transaction(self) -> '_Transaction':
+        """``with store.transaction() as txn:`` one atomic change.
+
+        ``txn`` (a :class:`Txn`) reads and writes VM records, the identity
+        and the outbox; everything it did is committed together at the end
+        of the block, or nothing if the block raises. Other threads wait
+        for the block (keep it short: never call a driver or a peer in it).
+        """
         return _Transaction(self)
 
     # -- identity ---------------------------------------------------------
@@ -185,60 +237,161 @@ class StateStore:
     def get_meta(self) -> dict[str, Any]:
         """Return the persisted identity (``vmm_id``, ``slam_host``, ...)."""
         with self._lock:
-            rows = self._conn.execute('SELECT key, value FROM meta')
-            return {key: json.loads(value) for key, value in rows}
+            return _read_meta(self._cursor())
 
     def set_meta(self, **values: Any) -> None:
         """Persist identity values in one transaction."""
-        with self._transaction() as cur:
-            for key, value in values.items():
-                cur.execute('INSERT INTO meta (key, value) VALUES (?, ?) '
-                            'ON CONFLICT(key) DO UPDATE '
-                            'SET value = excluded.value',
-                            (key, json.dumps(value)))
+        with self.transaction() as txn:
+            txn.set_meta(**values)
 
     # -- VM records -------------------------------------------------------
 
+    def _cursor(self) -> sqlite3.Cursor:
+        if self._conn is None:
+            raise exception.StateError(path=self.path,
+                                       reason='the store is closed')
+        return self._conn.cursor()
+
     def get_vm(self, user_id: int) -> objects.Vm | None:
         with self._lock:
-            row = self._conn.execute(
-                f'SELECT {_SELECT} FROM vms WHERE user_id = ?',  # noqa: S608
-                (user_id,)).fetchone()
-        return _row_to_vm(row) if row else None
+            return Txn(self._cursor()).get_vm(user_id)
 
     def find_vm_by_ip(self, ip_address: str) -> objects.Vm | None:
+        """The VM that holds ``ip_address`` now, or None.
+
+        Only VMs that hold an address (not stopped, not being deleted)
+        count: a stopped VM's last address may have been handed to
+        another VM since. When several claim it, the most recently
+        changed wins.
+        """
         with self._lock:
-            row = self._conn.execute(
+            row = self._cursor().execute(
                 f'SELECT {_SELECT} FROM vms '  # noqa: S608
-                'WHERE ip_address = ? ORDER BY updated_at DESC',
-                (ip_address,)).fetchone()
+                'WHERE ip_address = ? AND status != ? AND task_state != ? '
+                'ORDER BY updated_at DESC',
+                (ip_address, int(objects.VmStatus.STOPPED),
+                 objects.TaskState.DELETING.value)).fetchone()
         return _row_to_vm(row) if row else None
 
     def list_vms(self) -> list[objects.Vm]:
         with self._lock:
-            rows = self._conn.execute(
-                f'SELECT {_SELECT} FROM vms '  # noqa: S608
-                'ORDER BY helper DESC, user_id').fetchall()
+            return Txn(self._cursor()).list_vms()
+
+    def save_vm(self, vm: objects.Vm) -> objects.Vm:
+        """Insert or replace the whole record of ``vm.user_id``.
+
+        For a new record or a rebuild; changes of a few fields use
+        :meth:`update_vm`, which never overwrites what another thread
+        changed meanwhile.
+        """
+        with self.transaction() as txn:
+            txn.save_vm(vm)
+        return vm
+
+    def update_vm(self, user_id: int, **fields: Any) -> bool:
+        """Change some fields of one record, leaving the others alone.
+
+        Returns False when there is no such record (nothing is created).
+        """
+        with self.transaction() as txn:
+            return txn.update_vm(user_id, **fields)
+
+    def delete_vm(self, user_id: int) -> None:
+        with self.transaction() as txn:
+            txn.delete_vm(user_id)
+
+    # -- outbox -----------------------------------------------------------
+
+    def outbox_head(self, lane: str) -> OutboxMessage | None:
+        """The oldest message of ``lane``, or None."""
+        with self._lock:
+            row = self._cursor().execute(
+                f'SELECT {", ".join(_OUTBOX_COLUMNS)} FROM outbox '  # noqa: S608
+                'WHERE lane = ? ORDER BY seq LIMIT 1', (lane,)).fetchone()
+        return _row_to_message(row) if row else None
+
+    def outbox_messages(self, lane: str | None = None
+                        ) -> list[OutboxMessage]:
+        """Every queued message (of ``lane``), oldest first."""
+        query = f'SELECT {", ".join(_OUTBOX_COLUMNS)} FROM outbox'  # noqa: S608
+        params: tuple = ()
+        if lane is not None:
+            query += ' WHERE lane = ?'
+            params = (lane,)
+        with self._lock:
+            rows = self._cursor().execute(query + ' ORDER BY seq',
+                                          params).fetchall()
+        return [_row_to_message(row) for row in rows]
+
+    def outbox_depth(self) -> dict[str, int]:
+        """Number of queued messages per lane."""
+        with self._lock:
+            rows = self._cursor().execute(
+                'SELECT lane, COUNT(*) FROM outbox GROUP BY lane').fetchall()
+        return dict(rows)
+
+    def outbox_failed(self, seq: int, error: str) -> None:
+        """Count one failed delivery of message ``seq``."""
+        with self.transaction() as txn:
+            txn.cursor.execute(
+                'UPDATE outbox SET attempts = attempts + 1, last_error = ? '
+                'WHERE seq = ?', (error[:500], seq))
+
+
+class Txn:
+    """The operations of one transaction (see :meth:`StateStore.transaction`).
+
+    Also used, outside a transaction, for the store's single reads.
+    """
+
+    def __init__(self, cursor: sqlite3.Cursor):
+        self.cursor = cursor
+
+    # -- identity -------------------------------------------------------
+
+    def get_meta(self) -> dict[str, Any]:
+        return _read_meta(self.cursor)
+
+    def set_meta(self, **values: Any) -> None:
+        for key, value in values.items():
+            self.cursor.execute(
+                'INSERT INTO meta (key, value) VALUES (?, ?) '
+                'ON CONFLICT(key) DO UPDATE SET value = excluded.value',
+                (key, json.dumps(value)))
+
+    # -- VM records -----------------------------------------------------
+
+    def get_vm(self, user_id: int) -> objects.Vm | None:
+        row = self.cursor.execute(
+            f'SELECT {_SELECT} FROM vms WHERE user_id = ?',  # noqa: S608
+            (user_id,)).fetchone()
+        return _row_to_vm(row) if row else None
+
+    def list_vms(self) -> list[objects.Vm]:
+        rows = self.cursor.execute(
+            f'SELECT {_SELECT} FROM vms '  # noqa: S608
+            'ORDER BY helper DESC, user_id').fetchall()
         return [_row_to_vm(row) for row in rows]
 
     def save_vm(self, vm: objects.Vm) -> objects.Vm:
-        """Insert or replace the record of ``vm.user_id``; returns it."""
+        """Insert or replace the record of ``vm.user_id``."""
         now = time.time()
         vm.updated_at = now
         if not vm.created_at:
             vm.created_at = now
-        values = _vm_to_row(vm)
         placeholders = ', '.join('?' for _ in _VM_COLUMNS)
-        with self._transaction() as cur:
-            cur.execute(f'INSERT OR REPLACE INTO vms ({_SELECT}) '  # noqa: S608
-                        f'VALUES ({placeholders})', values)
+        self.cursor.execute(
+            f'INSERT OR REPLACE INTO vms ({_SELECT}) '  # noqa: S608
+            f'VALUES ({placeholders})', _vm_to_row(vm))
         return vm
 
-    def update_vm(self, user_id: int, **fields: Any) -> None:
-        """Change some fields of one record, leaving the others alone."""
+    def update_vm(self, user_id: int, **fields: Any) -> bool:
+        """Change ``fields`` of one record; False when there is none."""
         unknown = set(fields) - set(_VM_COLUMNS)
         if unknown:
             raise ValueError(f'unknown VM fields {sorted(unknown)}')
+        if not fields:
+            return self.get_vm(user_id) is not None
         probe = objects.Vm(user_id=user_id, name='', vcpus=0, memory_mb=0,
                            disk_gb=0)
         for key, value in fields.items():
@@ -246,35 +399,63 @@ class StateStore:
         row = dict(zip(_VM_COLUMNS, _vm_to_row(probe), strict=True))
         assignments = ', '.join(f'{key} = ?' for key in fields)
         values = [row[key] for key in fields] + [time.time(), user_id]
-        with self._transaction() as cur:
-            # Column names come from _VM_COLUMNS (checked above), values
-            # are bound parameters.
-            cur.execute(f'UPDATE vms SET {assignments}, '  # noqa: S608
-                        'updated_at = ? WHERE user_id = ?', values)
+        # Column names come from _VM_COLUMNS (checked above), values are
+        # bound parameters.
+        self.cursor.execute(f'UPDATE vms SET {assignments}, '  # noqa: S608
+                            'updated_at = ? WHERE user_id = ?', values)
+        return self.cursor.rowcount > 0
 
     def delete_vm(self, user_id: int) -> None:
-        with self._transaction() as cur:
-            cur.execute('DELETE FROM vms WHERE user_id = ?', (user_id,))
+        self.cursor.execute('DELETE FROM vms WHERE user_id = ?', (user_id,))
+
+    # -- outbox ---------------------------------------------------------
+
+    def enqueue(self, lane: str, method: str, args: dict,
+                vm_key: str | None = None,
+                request_id: str | None = None) -> int:
+        """Queue a message for delivery after this transaction commits."""
+        self.cursor.execute(
+            'INSERT INTO outbox (lane, method, args, vm_key, request_id, '
+            'created_at) VALUES (?, ?, ?, ?, ?, ?)',
+            (lane, method, json.dumps(args), vm_key, request_id,
+             time.time()))
+        return self.cursor.lastrowid
+
+    def dequeue(self, seq: int) -> None:
+        self.cursor.execute('DELETE FROM outbox WHERE seq = ?', (seq,))
+
+    def queued(self, vm_key: str, method: str | None = None
+               ) -> list[OutboxMessage]:
+        """The queued messages about one VM (of ``method``)."""
+        query = (f'SELECT {", ".join(_OUTBOX_COLUMNS)} FROM outbox '  # noqa: S608
+                 'WHERE vm_key = ?')
+        params: tuple = (vm_key,)
+        if method is not None:
+            query += ' AND method = ?'
+            params += (method,)
+        rows = self.cursor.execute(query + ' ORDER BY seq', params).fetchall()
+        return [_row_to_message(row) for row in rows]
+
+    def set_message_args(self, seq: int, args: dict) -> None:
+        self.cursor.execute('UPDATE outbox SET args = ? WHERE seq = ?',
+                            (json.dumps(args), seq))
 
 
 class _Transaction:
-    """``with store._transaction() as cur``: BEGIN IMMEDIATE .. COMMIT."""
+    """``with store.transaction() as txn``: BEGIN IMMEDIATE .. COMMIT."""
 
     def __init__(self, store: StateStore):
         self._store = store
 
-    def __enter__(self) -> sqlite3.Cursor:
+    def __enter__(self) -> Txn:
         self._store._lock.acquire()
         try:
-            if self._store._conn is None:
-                raise exception.StateError(path=self._store.path,
-                                           reason='the store is closed')
-            self._cur = self._store._conn.cursor()
+            self._cur = self._store._cursor()
             self._cur.execute('BEGIN IMMEDIATE')
         except BaseException:
             self._store._lock.release()
             raise
-        return self._cur
+        return Txn(self._cur)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -287,23 +468,38 @@ class _Transaction:
             self._store._lock.release()
 
 
+def _read_meta(cursor: sqlite3.Cursor) -> dict[str, Any]:
+    rows = cursor.execute('SELECT key, value FROM meta')
+    return {key: json.loads(value) for key, value in rows}
+
+
 def _vm_to_row(vm: objects.Vm) -> tuple:
     values = []
     for column in _VM_COLUMNS:
         value = getattr(vm, column)
-        if column == 'pending_resize':
+        if column in _JSON_COLUMNS:
             value = json.dumps(value) if value is not None else None
-        elif column == 'as_ready':
+        elif column in _BOOL_COLUMNS:
             value = int(bool(value))
         elif column in ('status', 'os_type'):
             value = int(value)
+        elif column == 'state_reason':
+            value = value or ''
         values.append(value)
     return tuple(values)
 
 
 def _row_to_vm(row: tuple) -> objects.Vm:
     data = dict(zip(_VM_COLUMNS, row, strict=True))
-    data['as_ready'] = bool(data['as_ready'])
-    if data['pending_resize'] is not None:
-        data['pending_resize'] = json.loads(data['pending_resize'])
+    for column in _BOOL_COLUMNS:
+        data[column] = bool(data[column])
+    for column in _JSON_COLUMNS:
+        if data[column] is not None:
+            data[column] = json.loads(data[column])
     return objects.Vm(**data)
+
+
+def _row_to_message(row: tuple) -> OutboxMessage:
+    data = dict(zip(_OUTBOX_COLUMNS, row, strict=True))
+    data['args'] = json.loads(data['args'])
+    return OutboxMessage(**data)

@@ -598,3 +598,119 @@ def test_kill_is_real_sigkill_not_cleanup(tmp_path):
     reported = _run_writer_and_kill(data, 0, 0.2)
     assert reported
     assert os.path.exists(os.path.join(data, state.DB_NAME + '-wal'))
+
+
+# -- schema 2: migration, transactions, outbox ---------------------------------
+
+
+def test_schema_1_is_migrated_with_its_records(tmp_path):
+    data = tmp_path / 'data'
+    data.mkdir()
+    path = str(data / state.DB_NAME)
+    conn = sqlite3.connect(path)
+    conn.executescript(state._SCHEMA_V1)
+    conn.execute(
+        "INSERT INTO vms (user_id, vm_id, name, status, vcpus, memory_mb, "
+        "disk_gb, created_at, updated_at) VALUES "
+        "(7, 1001, 'rapid-vm-7-x', 3, 2, 2048, 20, 1.0, 2.0)")
+    conn.execute("INSERT INTO meta VALUES ('vmm_id', '42')")
+    conn.execute('PRAGMA user_version = 1')
+    conn.commit()
+    conn.close()
+    store = state.StateStore(str(data))
+    store.open()
+    try:
+        got = store.get_vm(7)
+        assert (got.vm_id, got.status, got.vcpus) == (1001, 3, 2)
+        assert (got.memory_max_mb, got.saved, got.state_reason,
+                got.as_protocol, got.intent) == (0, False, '', None, None)
+        assert store.get_meta() == {'vmm_id': 42}
+        assert store.outbox_depth() == {}
+    finally:
+        store.close()
+    assert user_version(path) == 2
+
+
+def test_new_fields_round_trip(store):
+    store.save_vm(vm(7, memory_max_mb=4096, saved=True,
+                     state_reason='paused: I/O error', as_protocol='legacy',
+                     intent={'op': 'resize', 'to': [2, 2048, 20]}))
+    got = store.get_vm(7)
+    assert got.memory_max_mb == 4096 and got.saved is True
+    assert got.state_reason == 'paused: I/O error'
+    assert got.as_protocol == 'legacy'
+    assert got.intent == {'op': 'resize', 'to': [2, 2048, 20]}
+
+
+def test_update_vm_says_whether_a_record_exists(store):
+    assert store.update_vm(7, status=2) is False
+    store.save_vm(vm(7))
+    assert store.update_vm(7, status=2) is True
+
+
+def test_transaction_is_all_or_nothing(store):
+    store.save_vm(vm(7))
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with store.transaction() as txn:
+            txn.update_vm(7, status=2)
+            txn.enqueue('ds', 'notify_vm', {'vm_id': 1, 'status': 2},
+                        vm_key='rapid-vm-7')
+            txn.set_meta(vmm_id=9)
+            raise Boom()
+    assert store.get_vm(7).status == 1
+    assert store.outbox_messages() == []
+    assert store.get_meta() == {}
+    with store.transaction() as txn:
+        txn.update_vm(7, status=2)
+        txn.enqueue('ds', 'notify_vm', {'vm_id': 1, 'status': 2},
+                    vm_key='rapid-vm-7')
+    assert store.get_vm(7).status == 2
+    [message] = store.outbox_messages()
+    assert (message.lane, message.method, message.args) == (
+        'ds', 'notify_vm', {'vm_id': 1, 'status': 2})
+
+
+def test_outbox_keeps_order_per_lane(store):
+    with store.transaction() as txn:
+        for i in range(5):
+            txn.enqueue('ds' if i % 2 else 'slam', 'm', {'i': i},
+                        vm_key=f'vm-{i % 2}')
+    assert [m.args['i'] for m in store.outbox_messages('ds')] == [1, 3]
+    assert store.outbox_head('slam').args == {'i': 0}
+    assert store.outbox_depth() == {'ds': 2, 'slam': 3}
+    head = store.outbox_head('ds')
+    store.outbox_failed(head.seq, 'timeout')
+    assert store.outbox_head('ds').attempts == 1
+    assert store.outbox_head('ds').last_error == 'timeout'
+    with store.transaction() as txn:
+        assert [m.args['i'] for m in txn.queued('vm-1')] == [1, 3]
+        txn.set_message_args(head.seq, {'i': 1, 'vm_id': 5})
+        txn.dequeue(head.seq)
+    assert store.outbox_head('ds').args == {'i': 3}
+
+
+def test_outbox_survives_reopen(tmp_path):
+    data = str(tmp_path / 'data')
+    store = state.StateStore(data)
+    store.open()
+    with store.transaction() as txn:
+        txn.enqueue('ds', 'notify_vm', {'vm_id': 3, 'status': 4})
+    store.close()
+    again = state.StateStore(data)
+    again.open()
+    try:
+        assert again.outbox_head('ds').args == {'vm_id': 3, 'status': 4}
+    finally:
+        again.close()
+
+
+def test_find_vm_by_ip_ignores_stale_addresses(store):
+    store.save_vm(vm(7, ip_address='10.0.0.9', status=4))
+    store.save_vm(vm(8, ip_address='10.0.0.9', task_state='deleting'))
+    assert store.find_vm_by_ip('10.0.0.9') is None
+    store.save_vm(vm(9, ip_address='10.0.0.9', status=2))
+    assert store.find_vm_by_ip('10.0.0.9').user_id == 9
