@@ -47,12 +47,35 @@ def holds_resources(vm: objects.Vm) -> bool:
     return vm.status != objects.VmStatus.STOPPED
 
 
+def held_by(vm: objects.Vm) -> Usage:
+    """What one VM holds of the host.
+
+    Memory is accounted at the VM's ceiling (what it may grow to without a
+    restart); a VM being resized holds the larger of both sizes until the
+    resize is done; a suspended VM whose memory was saved to disk holds
+    none; a stopped VM holds nothing.
+    """
+    if not holds_resources(vm):
+        return Usage()
+    vcpus, memory_mb, disk_gb = vm.vcpus, max(vm.memory_mb,
+                                              vm.memory_max_mb), vm.disk_gb
+    target = (vm.intent or {}).get('to')
+    if (vm.intent or {}).get('op') == 'resize' and target:
+        vcpus = max(vcpus, int(target[0]))
+        memory_mb = max(memory_mb, int(target[1]))
+        disk_gb = max(disk_gb, int(target[2]))
+    if vm.saved and vm.status == objects.VmStatus.SUSPENDED:
+        memory_mb = 0
+    return Usage(vcpus=vcpus, memory_mb=memory_mb, disk_gb=disk_gb,
+                 gpu_cores=vm.gpu_cores)
+
+
 def current_usage(vms: list[objects.Vm]) -> Usage:
-    held = [vm for vm in vms if holds_resources(vm)]
-    return Usage(vcpus=sum(vm.vcpus for vm in held),
-                 memory_mb=sum(vm.memory_mb for vm in held),
-                 disk_gb=sum(vm.disk_gb for vm in held),
-                 gpu_cores=sum(vm.gpu_cores for vm in held))
+    held = [held_by(vm) for vm in vms]
+    return Usage(vcpus=sum(u.vcpus for u in held),
+                 memory_mb=sum(u.memory_mb for u in held),
+                 disk_gb=sum(u.disk_gb for u in held),
+                 gpu_cores=sum(u.gpu_cores for u in held))
 
 
 def shortfall(limits: Limits, usage: Usage, vm_type: flavors.VmType,
@@ -76,10 +99,18 @@ def _number(value: float) -> str:
 
 
 def check(limits: Limits, vms: list[objects.Vm], vm_type: flavors.VmType,
-          gpu_cores: int = 0, exclude_user: int | None = None) -> None:
-    """:raises NoCapacity: when ``vm_type`` does not fit next to ``vms``."""
+          gpu_cores: int = 0, exclude_user: int | None = None,
+          memory_mb: int | None = None) -> None:
+    """:raises NoCapacity: when ``vm_type`` does not fit next to ``vms``.
+
+    ``memory_mb``: the memory to account when it is not the type's own
+    (a VM defined with a higher ceiling).
+    """
     others = [vm for vm in vms if vm.user_id != exclude_user]
-    reason = shortfall(limits, current_usage(others), vm_type, gpu_cores)
+    wanted = vm_type
+    if memory_mb is not None and memory_mb != vm_type.memory_mb:
+        wanted = flavors.VmType(vm_type.vcpus, memory_mb, vm_type.disk_gb)
+    reason = shortfall(limits, current_usage(others), wanted, gpu_cores)
     if reason:
         raise exception.NoCapacity(request=str(vm_type.as_list()),
                                    reason=reason)

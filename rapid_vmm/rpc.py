@@ -6,9 +6,11 @@ import weakref
 
 import futurist
 from oslo_config import cfg
+from oslo_context import context as oslo_context
 from oslo_log import log as logging
 import oslo_messaging as messaging
 from oslo_messaging.rpc import dispatcher as rpc_dispatcher
+from oslo_messaging.rpc import server as rpc_server
 
 from rapid_vmm import exception
 
@@ -20,6 +22,9 @@ ALLOWED_EXMODS = ['rapid_vmm.exception']
 #: How often a cast or call retries a broken broker connection before it
 #: gives up; bounds the time a peer notification can block the agent.
 PEER_RETRY = 3
+
+#: The same bound for the callers of the VMM API (:class:`VmmAPI`).
+CLIENT_RETRY = 2
 
 
 def get_transport(conf: cfg.ConfigOpts) -> messaging.Transport:
@@ -61,18 +66,104 @@ def maintain_pools() -> None:
             continue
 
 
+class RequestContextSerializer(messaging.Serializer):
+    """Carries an oslo.context ``RequestContext`` over RPC.
+
+    The receiving side gets a ``RequestContext`` built from the caller's
+    context dict (a new request id when the caller sent none); building it
+    makes it the thread's current context, so every log line of the
+    request carries its request id. Anything that is not a dict is
+    replaced by a fresh context.
+    """
+
+    def __init__(self, base: messaging.Serializer | None = None):
+        self._base = base or messaging.NoOpSerializer()
+
+    def serialize_entity(self, ctxt, entity):
+        return self._base.serialize_entity(ctxt, entity)
+
+    def deserialize_entity(self, ctxt, entity):
+        return self._base.deserialize_entity(ctxt, entity)
+
+    def serialize_context(self, ctxt):
+        if isinstance(ctxt, oslo_context.RequestContext):
+            return ctxt.to_dict()
+        return dict(ctxt or {})
+
+    def deserialize_context(self, ctxt):
+        values = ctxt if isinstance(ctxt, dict) else {}
+        request_id = values.get('request_id')
+        if not isinstance(request_id, str) or len(request_id) > 128:
+            values = dict(values)
+            values.pop('request_id', None)
+            values.pop('global_request_id', None)
+        try:
+            return oslo_context.RequestContext.from_dict(values)
+        except Exception:  # noqa: BLE001 - a bad context never stops it
+            return oslo_context.RequestContext()
+
+
+class ApiDispatcher(messaging.RPCDispatcher):
+    """An RPC dispatcher whose refusals are typed errors, not tracebacks.
+
+    A method that is not part of the API, an unsupported version or a
+    message whose arguments are not a mapping reaches the caller as
+    :class:`InvalidRequest`, and the agent logs one warning line (the stock
+    dispatcher logs such calls with a traceback).
+    """
+
+    def dispatch(self, incoming):
+        message = incoming.message if isinstance(incoming.message,
+                                                 dict) else {}
+        method = message.get('method')
+        try:
+            if not isinstance(method, str) or \
+                    not isinstance(message.get('args', {}), dict):
+                raise exception.InvalidRequest(
+                    reason='an RPC message needs a method name and keyword '
+                           'arguments')
+            try:
+                return super().dispatch(incoming)
+            except rpc_dispatcher.NoSuchMethod:
+                raise exception.InvalidRequest(
+                    reason=f'{method!r:.60} is not a method of the VMM '
+                           'API') from None
+            except rpc_dispatcher.UnsupportedVersion as exc:
+                raise exception.InvalidRequest(
+                    reason=f'version {exc.version!r:.20} of the VMM API is '
+                           f'not supported (this agent serves up to '
+                           f'{API_VERSION})') from None
+        except exception.InvalidRequest as error:
+            LOG.warning('RPC %.60r refused: %s', method, error)
+            raise rpc_dispatcher.ExpectedException() from error
+
+
+#: Version of the VMM API served (SPEC 4).
+API_VERSION = '1.0'
+
+
 def get_server(conf: cfg.ConfigOpts, transport: messaging.Transport,
                target: messaging.Target, endpoints: list,
-               pool_size: int):
+               pool_size: int, explicit: bool = False):
     """Return an RPC server whose worker pool has ``pool_size`` threads.
+
+    ``explicit``: only endpoint methods marked with ``messaging.expose``
+    are reachable (the agent's API endpoint); requests get a
+    :class:`RequestContextSerializer` context and an :class:`ApiDispatcher`.
 
     The pool is a :class:`ShrinkingThreadPool`; oslo.messaging has no
     public way to choose it, so the server's executor class is replaced
     before it starts (and left alone if a release renames the attribute).
     """
-    server = messaging.get_rpc_server(
-        transport, target, endpoints,
-        access_policy=messaging.DefaultRPCAccessPolicy)
+    if explicit:
+        dispatcher = ApiDispatcher(
+            endpoints, RequestContextSerializer(),
+            messaging.ExplicitRPCAccessPolicy)
+        server = rpc_server.RPCServer(transport, target, dispatcher)
+    else:
+        server = messaging.get_rpc_server(
+            transport, target, endpoints,
+            access_policy=messaging.DefaultRPCAccessPolicy)
     conf.set_override('executor_thread_pool_size', pool_size)
     if getattr(server, '_executor_cls', None) is futurist.ThreadPoolExecutor:
         server._executor_cls = worker_pool
@@ -87,14 +178,18 @@ def get_client(transport: messaging.Transport, target: messaging.Target,
                ) -> messaging.RPCClient:
     return messaging.get_rpc_client(transport, target,
                                     version_cap=version_cap,
-                                    timeout=timeout)
+                                    timeout=timeout,
+                                    serializer=RequestContextSerializer())
 
 
 def remotable(func):
-    """Decorate a VMM API method served over RPC.
+    """Mark a VMM API method as reachable over RPC, with typed errors.
 
-    * a call with missing or unknown keyword arguments gets
-      :class:`InvalidRequest` instead of a server-side ``TypeError``;
+    * the method is exposed (``messaging.expose``) for an endpoint served
+      with ``ExplicitRPCAccessPolicy``: nothing else of the object is;
+    * positional arguments, missing or unknown keyword arguments (including
+      one named ``context`` or ``ctxt``) get :class:`InvalidRequest` instead
+      of a server-side ``TypeError``;
     * any other error is logged with its traceback and reaches the caller as
       :class:`InternalError` (a :class:`DriverError`), never untyped;
     * the typed errors of :data:`rapid_vmm.exception.EXPECTED_ERRORS` reach
@@ -104,14 +199,17 @@ def remotable(func):
     signature = inspect.signature(func)
 
     @functools.wraps(func)
-    def wrapper(self, context, *args, **kwargs):
+    def wrapper(self, context, /, *args, **kwargs):
         try:
             try:
-                signature.bind(self, context, *args, **kwargs)
+                if args:
+                    raise TypeError('the VMM API takes keyword arguments '
+                                    'only')
+                signature.bind(self, context, **kwargs)
             except TypeError as exc:
                 raise exception.InvalidRequest(
                     reason=f'{func.__name__}: {exc}') from None
-            return func(self, context, *args, **kwargs)
+            return func(self, context, **kwargs)
         except exception.EXPECTED_ERRORS as error:
             LOG.warning('%s refused: %s', func.__name__, error)
             raise rpc_dispatcher.ExpectedException() from error
@@ -125,4 +223,4 @@ def remotable(func):
             except exception.InternalError:
                 raise rpc_dispatcher.ExpectedException() from None
 
-    return wrapper
+    return messaging.expose(wrapper)

@@ -1,13 +1,24 @@
-"""The rapid-vmm oslo.service service: RPC server, timers, graceful stop.
+"""The rapid-vmm oslo.service service and the process that runs it.
 
-Start-up follows SPEC section 1: restore state and reconcile with the
-hypervisor (in :meth:`VmmManager.init_host`), then serve the VMM API while
-a background thread registers with the DS and the SLAM (retrying as long as
-they are absent), a timer reports host resources every
-``report_interval`` seconds, and a loop reconciles every
-``reconcile_interval`` seconds or when a hypervisor event asks for it.
+Start-up follows SPEC section 1: open the state (checking that it is this
+host's) and reconcile with the hypervisor (in :meth:`VmmManager.init_host`),
+then serve the VMM API (:class:`rapid_vmm.endpoint.VmmEndpoint`, nothing
+else) while a background thread registers with the DS and the SLAM
+(retrying as long as they are absent), a timer reports host resources every
+``report_interval`` seconds, the outbox delivers messages to the peers, and
+a loop reconciles every ``reconcile_interval`` seconds or when a hypervisor
+event asks for it.
+
+:class:`Launcher` runs the service in this one process (a host agent has
+one worker; no master process to respawn it): SIGTERM and SIGINT stop it
+within ``graceful_shutdown_timeout``, SIGHUP re-reads the mutable options
+(log levels), and a start-up failure (state that cannot be opened, a
+``host`` that is not the state's, a configuration the driver refuses) ends
+the process with a non-zero exit instead of a respawn loop.
 """
 
+import os
+import signal
 import threading
 import time
 
@@ -15,7 +26,9 @@ from oslo_config import cfg
 from oslo_log import log as logging
 import oslo_messaging as messaging
 from oslo_service import service
+from oslo_service import systemd
 
+from rapid_vmm import endpoint as vmm_endpoint
 from rapid_vmm import manager as vmm_manager
 from rapid_vmm import monitor
 from rapid_vmm import peers
@@ -36,6 +49,7 @@ class VmmService(service.Service):
         super().__init__()
         self.conf = conf
         self.manager: vmm_manager.VmmManager | None = None
+        self.endpoint: vmm_endpoint.VmmEndpoint | None = None
         self.rpc_server = None
         self.transport = None
         self._stopped = threading.Event()
@@ -56,15 +70,18 @@ class VmmService(service.Service):
         return manager
 
     def start(self) -> None:
+        """Start serving; raises when the agent cannot start at all."""
         super().start()
         conf = self.conf
         self.transport = rpc.get_transport(conf)
         self.manager = self.build_manager(self.transport)
         self.manager.init_host()
+        self.endpoint = vmm_endpoint.VmmEndpoint(self.manager)
         target = messaging.Target(topic=conf.vmm_topic, server=conf.host)
         self.rpc_server = rpc.get_server(conf, self.transport, target,
-                                         [self.manager],
-                                         conf.max_concurrent_requests)
+                                         [self.endpoint],
+                                         conf.max_concurrent_requests,
+                                         explicit=True)
         self.rpc_server.start()
         LOG.info('rapid-vmm serving topic %s as server %s with the %s '
                  'driver', conf.vmm_topic, conf.host,
@@ -97,21 +114,87 @@ class VmmService(service.Service):
         except Exception:
             LOG.exception('Stopping the timers failed')
         if self.manager is not None:
-            self.manager.cleanup_host()
+            try:
+                self.manager.cleanup_host()
+            except Exception:
+                LOG.exception('Releasing the driver and the state failed')
         if self.transport is not None:
             self.transport.cleanup()
         self._stopped.set()
         LOG.info('rapid-vmm stopped')
 
-    def _stop_background(self, timeout: float) -> None:
-        """Stop the timers and give the loops ``timeout`` s to notice."""
-        try:
-            self.tg.stop_timers(wait=False)
-        except Exception:
-            LOG.exception('Stopping the timers failed')
-        deadline = time.monotonic() + timeout
-        for thread in list(self.tg.threads):
-            thread.join(max(deadline - time.monotonic(), 0))
-
     def wait(self) -> None:
         self._stopped.wait()
+
+
+class Launcher:
+    """Runs one service in this process until SIGTERM or SIGINT.
+
+    :param conf: the parsed configuration (``graceful_shutdown_timeout``
+        bounds the stop; SIGHUP calls ``conf.mutate_config_files()``).
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts, agent: service.ServiceBase):
+        self.conf = conf
+        self.agent = agent
+        self._stop_requested = threading.Event()
+        self._reload_requested = threading.Event()
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        self._stop_requested.set()
+
+    def _on_reload_signal(self, signum, frame) -> None:
+        self._reload_requested.set()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def run(self) -> int:
+        """Start the service, serve until asked to stop; returns 0.
+
+        Exceptions of the service's ``start()`` propagate (the caller
+        reports them and exits non-zero), after what was started has been
+        stopped.
+        """
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_stop_signal)
+            signal.signal(signal.SIGINT, self._on_stop_signal)
+            signal.signal(signal.SIGHUP, self._on_reload_signal)
+        try:
+            self.agent.start()
+        except BaseException:
+            self._stop_bounded()
+            raise
+        systemd.notify_once()
+        while not self._stop_requested.wait(1):
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                LOG.info('SIGHUP: reloading the mutable options')
+                try:
+                    self.conf.mutate_config_files()
+                except Exception:
+                    LOG.exception('Reloading the configuration failed')
+        LOG.info('Stop requested')
+        self._stop_bounded()
+        return 0
+
+    def _stop_bounded(self) -> None:
+        timeout = self.conf.graceful_shutdown_timeout or 0
+        started = time.monotonic()
+        if timeout:
+            watchdog = threading.Timer(timeout, self._exit_now, args=(
+                timeout,))
+            watchdog.daemon = True
+            watchdog.start()
+        try:
+            self.agent.stop()
+        finally:
+            if timeout:
+                watchdog.cancel()
+        LOG.debug('Stopped in %.1f s', time.monotonic() - started)
+
+    @staticmethod
+    def _exit_now(timeout: float) -> None:
+        LOG.error('Graceful stop took longer than %s s '
+                  '(graceful_shutdown_timeout); exiting now', timeout)
+        os._exit(1)

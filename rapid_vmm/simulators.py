@@ -84,10 +84,17 @@ class DirectoryServerEndpoint(_Endpoint):
         self.slam_port = slam_port
         #: Set to make register_vmm fail, like the original DS without SLAM.
         self.refuse_registration = False
+        #: Seconds every call takes (a slow DS).
+        self.delay = 0.0
+
+    def _slow(self) -> None:
+        if self.delay:
+            time.sleep(self.delay)
 
     def register_vmm(self, ctxt, host, ip_address, mac_type, cpu_load,
                      cpu_count, free_memory_mb, gpu_load, gpu_cores,
                      resources):
+        self._slow()
         self.recorder.record('register_vmm', dict(
             host=host, ip_address=ip_address, mac_type=mac_type,
             cpu_load=cpu_load, cpu_count=cpu_count,
@@ -102,11 +109,13 @@ class DirectoryServerEndpoint(_Endpoint):
 
     def notify_vmm(self, ctxt, vmm_id, cpu_load, free_memory_mb, gpu_load,
                    resources):
+        self._slow()
         self.recorder.record('notify_vmm', dict(
             vmm_id=vmm_id, cpu_load=cpu_load, free_memory_mb=free_memory_mb,
             gpu_load=gpu_load, resources=resources))
 
     def register_vm(self, ctxt, vmm_id, category, vm_type, user_id, status):
+        self._slow()
         with self._lock:
             vm_id = next(self._vm_ids)
         self.recorder.record('register_vm', dict(
@@ -115,9 +124,11 @@ class DirectoryServerEndpoint(_Endpoint):
         return {'vm_id': vm_id}
 
     def notify_vm(self, ctxt, vm_id, status):
+        self._slow()
         self.recorder.record('notify_vm', dict(vm_id=vm_id, status=status))
 
     def notify_helper(self, ctxt, vm_id, ip_address):
+        self._slow()
         self.recorder.record('notify_helper',
                              dict(vm_id=vm_id, ip_address=ip_address))
 

@@ -15,6 +15,14 @@ identity_opts = [
                help='Name of this VM Manager: the server name of its RPC '
                     'endpoint on ``vmm_topic`` and the name it gives the '
                     'Directory Server. Default: the host name.'),
+    cfg.StrOpt('previous_host',
+               help='Declares a rename of this host: the ``host`` this '
+                    'agent had before. When the state in ``data_path`` was '
+                    'written under that name, the agent takes over the '
+                    'state and the instances owned by it (rewriting their '
+                    'owner) instead of refusing to start. Unset: an agent '
+                    'whose ``host`` differs from its state\'s refuses to '
+                    'start. Harmless to leave set after the rename.'),
     cfg.StrOpt('my_ip',
                default=netutils.first_non_loopback_ipv4(),
                sample_default='<host_ipv4>',
@@ -45,6 +53,19 @@ rpc_opts = [
                help='Seconds a call to the Directory Server or the SLA '
                     'Manager may take before it is given up and retried '
                     'later.'),
+    cfg.IntOpt('outbox_retry_max_interval', default=30, min=1,
+               help='Upper bound, in seconds, of the exponential back-off '
+                    'between two attempts to deliver a message of the '
+                    'outbox (DS and SLAM messages) while the peer or the '
+                    'broker is away.'),
+    cfg.IntOpt('outbox_max_rejections', default=5, min=1,
+               help='Times a peer may refuse (answer with an error) one '
+                    'message of the outbox before it is given up and logged '
+                    'at ERROR. Unanswered messages are retried without '
+                    'limit.'),
+    cfg.FloatOpt('outbox_idle_interval', default=5.0, min=0.1,
+                 help='Seconds an idle outbox sender waits before it looks '
+                      'for messages again (new messages wake it at once).'),
     cfg.IntOpt('registration_retry_max_interval', default=60, min=1,
                help='Upper bound, in seconds, of the exponential back-off '
                     'between attempts to register with the Directory Server '
@@ -80,6 +101,29 @@ lifecycle_opts = [
     cfg.IntOpt('reconcile_interval', default=60, min=0,
                help='Seconds between two reconciliations of the state with '
                     'the hypervisor; 0 reconciles at start only.'),
+    cfg.IntOpt('reconcile_absent_passes', default=3, min=1,
+               help='Reconciliation passes in a row on which the hypervisor '
+                    'must answer "no such instance" to a lookup by UUID '
+                    'before a VM counts as gone (marked stopped). Until '
+                    'then it is reported as unknown.'),
+    cfg.IntOpt('reconcile_absent_seconds', default=30, min=0,
+               help='Seconds that must pass, as well, between the first '
+                    'pass that did not find a VM\'s instance and the pass '
+                    'that counts it as gone (hypervisor events can start '
+                    'several passes in a second).'),
+    cfg.IntOpt('orphan_scan_interval', default=600, min=0,
+               help='Seconds between two runs of the delayed orphan-disk '
+                    'job (disks that no record and no instance uses are '
+                    'moved aside, then deleted after a grace period); 0 '
+                    'disables it.'),
+    cfg.IntOpt('lock_wait_timeout', default=0, min=0,
+               help='Seconds a request waits for another operation on the '
+                    'same user\'s VM before it gets VmStateConflict '
+                    '(busy). 0: the longest an operation can take '
+                    '(IP or boot wait + as_register_timeout + 60 s).'),
+    cfg.IntOpt('helper_retry_max_interval', default=300, min=1,
+               help='Upper bound, in seconds, of the exponential back-off '
+                    'between attempts to start a helper VM that failed.'),
     cfg.IntOpt('helper_vm_count', default=2, min=0, max=100,
                help='Helper VMs (users -1, -2, ...) kept running and '
                     'registered with the Directory Server; 0 disables.'),

@@ -64,6 +64,12 @@ class Presence(enum.Enum):
     UNKNOWN = 'unknown'
 
 
+#: ``claim_from`` of :meth:`ComputeDriver.update_metadata` that takes over
+#: an instance with no metadata of ours at all, found by the name of its
+#: record (a VM imported from the original Java VMM).
+CLAIM_UNMARKED = '*unmarked*'
+
+
 @dataclasses.dataclass(frozen=True)
 class HostCapacity:
     """What the host offers VMs before allocation ratios are applied."""
@@ -272,7 +278,9 @@ class ComputeDriver(abc.ABC):
         of the VM's instance, so a lost state can be rebuilt from it.
 
         :param claim_from: a previous ``host`` of this agent (a declared
-            rename): an instance owned by it is taken over.
+            rename): an instance owned by it is taken over; or
+            :data:`CLAIM_UNMARKED`: an instance with no metadata of ours
+            (found by the record's name) is taken over.
         :raises InstanceNotOurs: when the instance belongs to another owner.
         :raises DriverError: when the hypervisor refuses.
         """

@@ -48,21 +48,24 @@ class AgentControl:
     failure: type[Exception] = AssertionError
     process: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True, timeout: float = 60) -> float:
+    def start(self, wait: bool = True, timeout: float = 60,
+              env: dict | None = None) -> float:
         """Start the agent; with ``wait``, until it answers. Returns the
-        seconds from launch to the first answer."""
+        seconds from launch to the first answer. ``env``: variables added
+        to the agent's environment (e.g. a fault-injection point)."""
         started = time.monotonic()
         command = [sys.executable, '-m', 'rapid_vmm.cmd.vmm',
                    '--config-file', self.config_file]
+        environ = dict(os.environ, **(env or {}))
         if self.stderr_path is None:
             self.process = subprocess.Popen(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                text=True, start_new_session=True)
+                text=True, start_new_session=True, env=environ)
         else:
             with open(self.stderr_path, 'ab') as stderr:
                 self.process = subprocess.Popen(
                     command, stdout=subprocess.DEVNULL, stderr=stderr,
-                    start_new_session=True)
+                    start_new_session=True, env=environ)
         if wait:
             self.wait_until_serving(timeout)
         return time.monotonic() - started
@@ -150,6 +153,51 @@ class AgentControl:
             return []
 
 
+def owned_domains(uri: str, owner: str) -> dict[str, object]:
+    """The domains of ``uri`` whose rapid metadata names ``owner``."""
+    import libvirt
+    from rapid_vmm.virt.libvirt import config as vconfig
+    conn = libvirt.open(uri)
+    try:
+        found = {}
+        for dom in conn.listAllDomains(0):
+            try:
+                xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                   vconfig.METADATA_NS)
+            except libvirt.libvirtError:
+                continue
+            values = vconfig.parse_metadata(xml) or {}
+            if values.get('owner') == owner:
+                found[dom.name()] = dom.state()[0]
+        return found
+    finally:
+        conn.close()
+
+
+def destroy_owned_domains(uri: str, owner, names=()) -> None:
+    """Remove the domains a test made in a shared libvirtd: those owned
+    by ``owner`` (a name or a callable giving it) and those in ``names``."""
+    import libvirt
+    owner = owner() if callable(owner) else owner
+    try:
+        doomed = set(owned_domains(uri, owner)) | set(names)
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError:
+        return
+    try:
+        for name in doomed:
+            try:
+                dom = conn.lookupByName(name)
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(
+                    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+            except libvirt.libvirtError:
+                continue
+    finally:
+        conn.close()
+
+
 def _tail(path: str, lines: int) -> str:
     try:
         with open(path, encoding='utf-8', errors='replace') as log:
@@ -199,6 +247,18 @@ class AgentProcess(AgentControl, fixtures.Fixture):
         if self.with_peers:
             self.start_peers()
         self.addCleanup(self.stop_quietly)
+        uri = self.values.get(('libvirt', 'connection_uri'), '')
+        if uri.startswith('test+unix'):
+            # libvirtd keeps the domains after the test: remove ours.
+            self.addCleanup(destroy_owned_domains, uri,
+                            lambda: self.values[('DEFAULT', 'host')])
+
+    def reconfigure(self, **overrides) -> None:
+        """Rewrite the agent's configuration file (for its next start)."""
+        for key, value in overrides.items():
+            group, _, name = key.rpartition('.')
+            self.values[(group or 'DEFAULT', name)] = value
+        rfix.write_config_file(self.config_file, self.values)
 
     def start_peers(self) -> None:
         self.ds = simulators.directory_server(self.conf,

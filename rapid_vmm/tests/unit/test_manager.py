@@ -324,7 +324,7 @@ class TestLifecycle(ManagerTestCase):
         status = self.api.get_host_status({})
         self.assertEqual({'host', 'vmm_id', 'driver', 'version',
                           'resources', 'vms', 'driver_reachable',
-                          'registered'}, set(status))
+                          'registered', 'outbox'}, set(status))
         self.assertEqual('libvirt', status['driver'])
         self.assertEqual([60], [vm['user_id'] for vm in status['vms']])
         for key in ('cpu_load_percent', 'cpu_count', 'memory_total_mb',
@@ -393,7 +393,8 @@ class TestBadInput(ManagerTestCase):
 
 class TestHelpers(ManagerTestCase):
 
-    overrides = {'helper_vm_count': 2, 'reconcile_interval': 1}
+    overrides = {'helper_vm_count': 2, 'reconcile_interval': 1,
+                 'reconcile_absent_seconds': 0}
 
     def _helpers(self):
         return {vm['user_id']: vm for vm in self.api.get_vm_info({})
@@ -414,7 +415,9 @@ class TestHelpers(ManagerTestCase):
         dom = self.domain(old)
         dom.destroy()
         dom.undefine()
-        self.f.manager.request_reconcile()
+        # Gone for good once not found on reconcile_absent_passes passes.
+        for _ in range(self.f.conf.reconcile_absent_passes):
+            self.f.manager.reconcile_once()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             current = self._helpers().get(-1)
@@ -448,23 +451,37 @@ class TestReconcile(ManagerTestCase):
         self.domain(paused['name']).suspend()
         # Lifecycle events trigger a reconciliation; so does this call.
         self.f.manager.reconciler.reconcile()
+        self._wait_for_statuses({71: 2})
+        # Not found once is not gone: unknown, reported, nothing touched.
+        vm = self.api.get_vm_info({}, user_id=70)[0]
+        self.assertEqual((1, 'unknown'), (vm['status'], vm['task_state']))
+        self.f.conf.set_override('reconcile_absent_seconds', 0)
+        passes = self.f.conf.reconcile_absent_passes
+        for _ in range(passes):
+            self.f.manager.reconciler.reconcile()
         self._wait_for_statuses({70: 4, 71: 2})
-        self.assertFalse(os.path.exists(gone_disk))
+        self.assertEqual('', self.api.get_vm_info({}, user_id=70)[0][
+            'task_state'])
+        # Its disk is kept: only an explicit request deletes disks.
+        self.assertTrue(os.path.exists(gone_disk))
         reported = [(kw['vm_id'], kw['status']) for kw in
                     self.f.ds.recorder.wait_for('notify_vm', count=2)]
         self.assertEqual({(gone['vm_id'], 4), (paused['vm_id'], 2)},
                          set(reported))
         # Each change is reported once, however many passes ran.
         self.f.manager.reconciler.reconcile()
+        time.sleep(0.3)
         self.assertEqual(2, len(self.f.ds.recorder.calls('notify_vm')))
         # Resumed outside the agent: running again.
         self.domain(paused['name']).resume()
         self.f.manager.reconciler.reconcile()
         self._wait_for_statuses({71: 3})
-        # A stopped VM is replaced by a new one on the next start.
+        # A stopped VM is replaced by a new one on the next start, which
+        # removes the old disk (an explicit request).
         again = start(self.api, 70)
         self.assertNotEqual(gone['name'], again['name'])
         self.assertEqual(1, again['status'])
+        self.assertFalse(os.path.exists(gone_disk))
 
     def test_unknown_domain_of_ours_is_adopted(self):
         vm = start(self.api, 72)
@@ -481,11 +498,12 @@ class TestReconcile(ManagerTestCase):
         start(self.api, 73)
         driver = self.f.manager.driver
 
-        def broken():
+        def broken(*args, **kwargs):
             raise exception.DriverError(action='list domains',
                                         reason='connection lost')
 
         self.patch(driver, 'list_instances', broken)
+        self.patch(driver, 'observe', broken)
         summary = self.f.manager.reconciler.reconcile()
         self.assertFalse(any(summary.values()))
         self.assertEqual(1, self.api.get_vm_info({}, user_id=73)[0]['status'])
@@ -494,7 +512,7 @@ class TestReconcile(ManagerTestCase):
 
 class TestRestart(ManagerTestCase):
 
-    def test_identity_kept_building_cleaned_orphans_removed(self):
+    def test_identity_kept_building_rolled_back_orphans_kept(self):
         self.f.ds.recorder.wait_for('register_vmm')
         kept = start(self.api, 80)
         store = self.f.manager.store
@@ -515,7 +533,8 @@ class TestRestart(ManagerTestCase):
                                 self.api.get_vm_info({})])
         self.assertEqual(kept['name'],
                          self.api.get_vm_info({}, user_id=80)[0]['name'])
-        self.assertFalse(os.path.exists(orphan))
+        # Start-up never deletes a disk: the delayed orphan job decides.
+        self.assertTrue(os.path.exists(orphan))
         self.assertTrue(os.path.exists(foreign))
         status = self.api.get_host_status({})
         self.assertEqual(4242, status['vmm_id'])
@@ -590,3 +609,136 @@ class TestStopDuringWait(ManagerTestCase):
         thread.join(15)
         self.assertLess(time.monotonic() - started, 10)
         self.assertIsInstance(results.get('error'), exception.DriverError)
+
+
+class TestIdentity(ManagerTestCase):
+    """SPEC 6: identity survives; a host change never destroys."""
+
+    def _registered_vm(self, user_id):
+        self.f.ds.recorder.wait_for('register_vmm')
+        vm = start(self.api, user_id)
+        deadline = time.monotonic() + 10
+        while self.f.manager.store.get_vm(user_id).vm_id is None:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        # The DS id reaches the instance's metadata too.
+        while self.f.manager.driver.observe(
+                [self.f.manager.store.get_vm(user_id)])[
+                    vm['name']].instance.vm_id is None:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        return self.f.manager.store.get_vm(user_id)
+
+    def test_another_host_refuses_to_start_and_touches_nothing(self):
+        vm = self._registered_vm(110)
+        self.f.service.stop()
+        self.f.conf.set_override('host', self.f.conf.host + '-renamed')
+        from rapid_vmm import service as vmm_service
+        service = vmm_service.VmmService(self.f.conf)
+        error = self.assertRaises(exception.StateError, service.start)
+        self.assertIn('previous_host', str(error))
+        service.stop()
+        dom = self.domain(vm.name)
+        self.assertTrue(dom.isActive())
+        self.assertTrue(os.path.exists(vm.disk_path))
+
+    def test_declared_rename_takes_over_state_and_instances(self):
+        vm = self._registered_vm(111)
+        old = self.f.conf.host
+        self.f.service.stop()
+        self.f.conf.set_override('host', old + '-renamed')
+        self.f.conf.set_override('previous_host', old)
+        from rapid_vmm import service as vmm_service
+        self.f.service = vmm_service.VmmService(self.f.conf)
+        self.f.service.start()
+        from rapid_vmm import rpcapi
+        api = rpcapi.VmmAPI(self.f.conf, self.f.transport, timeout=10)
+        got = api.get_vm_info({}, user_id=111)
+        self.assertEqual((vm.name, 1, vm.vm_id, ''),
+                         (got[0]['name'], got[0]['status'], got[0]['vm_id'],
+                          got[0]['task_state']))
+        observed = self.f.manager.driver.observe([vm])[vm.name]
+        self.assertEqual('ours', observed.presence.value)
+
+    def test_lost_database_is_rebuilt_without_registering_again(self):
+        vm = self._registered_vm(112)
+        vmm_id = self.f.manager.reporter.vmm_id
+        self.f.service.stop()
+        path = os.path.join(self.f.conf.data_path, 'state.sqlite')
+        for suffix in ('', '-wal', '-shm'):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
+        from rapid_vmm import service as vmm_service
+        self.f.service = vmm_service.VmmService(self.f.conf)
+        self.f.service.start()
+        got = self.api.get_vm_info({}, user_id=112)[0]
+        self.assertEqual((vm.name, vm.vm_id), (got['name'], got['vm_id']))
+        self.assertEqual(vmm_id, self.api.get_host_status({})['vmm_id'])
+        time.sleep(1)
+        self.assertEqual(1, len(self.f.ds.recorder.calls('register_vmm')))
+        self.assertEqual(1, len(self.f.ds.recorder.calls('register_vm')))
+
+    def test_metadata_removed_marks_unknown_and_destroys_nothing(self):
+        vm = self._registered_vm(113)
+        dom = self.domain(vm.name)
+        import libvirt
+        from rapid_vmm.virt.libvirt import config as vconfig
+        for flags in (libvirt.VIR_DOMAIN_AFFECT_LIVE,
+                      libvirt.VIR_DOMAIN_AFFECT_CONFIG):
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None,
+                            None, vconfig.METADATA_NS, flags)
+        for _ in range(4):
+            self.f.manager.reconcile_once()
+        got = self.api.get_vm_info({}, user_id=113)[0]
+        self.assertEqual(('unknown', 1), (got['task_state'], got['status']))
+        self.assertTrue(self.domain(vm.name).isActive())
+        self.assertTrue(os.path.exists(vm.disk_path))
+        # An explicit removal is refused too: not recognisably ours.
+        self.assertRaises(exception.VmStateConflict, self.api.remove_vm, {},
+                          user_id=113)
+        self.assertTrue(self.domain(vm.name).isActive())
+
+
+class TestInterruptedOperations(ManagerTestCase):
+    """A restart finishes or rolls back what a dead agent left in flight."""
+
+    def _restart(self):
+        self.f.restart()
+        return self.f.manager.store
+
+    def test_interrupted_removal_is_finished(self):
+        start(self.api, 120)
+        store = self.f.manager.store
+        store.update_vm(120, task_state='deleting',
+                        intent={'op': 'delete', 'reason': 'test',
+                                'notify': True})
+        store = self._restart()
+        self.assertIsNone(store.get_vm(120))
+        self.assertNotIn(120, [i.user_id for i in
+                               self.f.manager.driver.list_instances()])
+
+    def test_interrupted_resize_is_settled_from_the_hypervisor(self):
+        start(self.api, 121)
+        store = self.f.manager.store
+        store.update_vm(121, task_state='resizing',
+                        intent={'op': 'resize', 'from': [1, 1024, 20],
+                                'to': [2, 2048, 20]})
+        store = self._restart()
+        vm = store.get_vm(121)
+        self.assertEqual(('', None, 1), (vm.task_state, vm.intent, vm.vcpus))
+
+    def test_interrupted_suspend_takes_the_power_state(self):
+        vm = start(self.api, 122)
+        self.domain(vm['name']).suspend()
+        self.f.manager.store.update_vm(122, task_state='suspending',
+                                       intent={'op': 'suspend'})
+        store = self._restart()
+        got = store.get_vm(122)
+        self.assertEqual(('', 2), (got.task_state, got.status))
+
+    def test_start_of_a_user_with_a_leftover_build_replaces_it(self):
+        vm = start(self.api, 123)
+        self.f.manager.store.update_vm(123, task_state='building')
+        again = start(self.api, 123)
+        self.assertNotEqual(vm['name'], again['name'])
+        self.assertNotIn(vm['name'], self.domain_names())
