@@ -130,6 +130,15 @@ lifecycle_opts = [
     cfg.IntOpt('as_register_timeout', default=200, min=0,
                help='Seconds start_vm waits for the Acceleration Server of '
                     'a new or resumed VM to register; 0 = do not wait.'),
+    cfg.StrOpt('suspend_mode', default='pause',
+               choices=[('pause', 'the guest is paused and keeps its RAM '
+                                  'on the host; resume is instant'),
+                        ('save', 'libvirt managed save: the guest\'s memory '
+                                 'is written to disk and its RAM freed; '
+                                 'resume restores it (about a second for a '
+                                 'small guest). The Nova driver\'s suspend '
+                                 'always saves.')],
+               help='How a suspended VM is kept (libvirt driver).'),
     cfg.StrOpt('vm_types', default=DEFAULT_VM_TYPES,
                help='Grid of VM types: vCPU counts, memory sizes in MB and '
                     'disk sizes in GB, each a comma-separated ascending '

@@ -28,6 +28,14 @@ libvirt_opts = [
                 help='Template disks of helper VMs, one per helper index '
                      '(the last one serves any further helper). Empty: '
                      'helpers use ``normal_image``.'),
+    cfg.StrOpt('android_image',
+               help='Template disk of normal Android VMs (``os_type`` 1). '
+                    'Unset: a request for an Android VM is refused '
+                    '(InvalidRequest); it never gets another OS\'s image.'),
+    cfg.ListOpt('android_helper_images', default=[],
+                help='Template disks of Android helper VMs, one per helper '
+                     'index (the last one serves any further helper). '
+                     'Empty: Android helpers use ``android_image``.'),
     cfg.StrOpt('images_path',
                sample_default='$data_path/instances',
                help='Directory of instance disks. Default: '
@@ -62,8 +70,13 @@ libvirt_opts = [
                     '``vm_types``.'),
     cfg.IntOpt('max_memory_mb', default=0, min=0,
                help='Maximum memory in MB a domain is defined with, the '
-                    'ceiling of live resize; 0 = the largest memory of '
-                    '``vm_types``.'),
+                    'ceiling of a live memory resize. 0 (default): a '
+                    'domain\'s maximum is its own size, and growing its '
+                    'memory with change_flavor is refused. A value > 0 '
+                    'allows growth up to it: every VM is then defined with '
+                    'that maximum and capacity accounts it at that size '
+                    '(a guest without a balloon driver can use all of '
+                    'it).'),
     cfg.StrOpt('kernel',
                help='Optional kernel for direct kernel boot of the VMs '
                     '(with ``initrd`` and ``kernel_cmdline``); unset boots '
@@ -73,13 +86,24 @@ libvirt_opts = [
     cfg.StrOpt('kernel_cmdline', default='',
                help='Kernel command line for direct kernel boot.'),
     cfg.IntOpt('call_timeout', default=30, min=1,
-               help='Seconds a libvirt call that can hang (statistics, '
-                    'guest agent) may take before it is abandoned.'),
+               help='Seconds any libvirt call (and opening the connection) '
+                    'may take before its caller gets an error; the call '
+                    'itself is left to finish. Default 30.'),
+    cfg.IntOpt('save_timeout', default=300, min=1,
+               help='Seconds a managed save (``suspend_mode = save``) or '
+                    'the restore of one may take; they write or read the '
+                    'whole guest memory. Default 300.'),
+    cfg.IntOpt('orphan_disk_grace_period', default=86400, min=0,
+               help='Seconds an orphan disk (a file of ``images_path`` '
+                    'named like an instance disk that no VM record and no '
+                    'domain of any owner uses) stays moved aside in '
+                    '``<images_path>/.orphans/`` before it is deleted. '
+                    'Default 86400 (one day); 0 deletes it at the next '
+                    'clean-up pass.'),
     cfg.IntOpt('reconnect_max_interval', default=30, min=1,
                help='Upper bound, in seconds, of the back-off between '
                     'attempts to reconnect to libvirt.'),
 ]
-
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:

@@ -38,9 +38,15 @@ nova_opts = [
                help='Security group added to new servers.'),
     cfg.IntOpt('boot_timeout', default=300, min=1,
                help='Seconds to wait for a new server to become ACTIVE and '
-                    'get an IP address.'),
+                    'get an IP address, and for any other state change '
+                    '(suspend, resume, resize, delete).'),
+    cfg.IntOpt('api_timeout', default=60, min=1,
+               help='Seconds one HTTP request to the cloud (Nova, Glance, '
+                    'Neutron, Keystone, placement) may take; set on the '
+                    'openstacksdk connection and its keystoneauth session '
+                    '(the keystoneauth ``timeout`` option of this group, '
+                    'when set, wins for the session). Default 60.'),
 ]
-
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:

@@ -272,17 +272,24 @@ class ComputeDriver(abc.ABC):
         raise NotImplementedError
 
     def update_metadata(self, vm: objects.Vm, identity: dict,
-                        claim_from: str | None = None) -> None:
+                        claim_from: str | None = None) -> bool:
         """Write ``vm.vm_id``, ``identity`` (``vmm_id``, ``slam_host``,
-        ``slam_port``) and this agent's ``host`` as owner into the metadata
-        of the VM's instance, so a lost state can be rebuilt from it.
+        ``slam_port``; a key left out is removed), the record's fields and
+        this agent's ``host`` as owner into the metadata of the VM's
+        instance (found by ``driver_id``, else by name), so a lost state
+        can be rebuilt from it.
 
         :param claim_from: a previous ``host`` of this agent (a declared
             rename): an instance owned by it is taken over; or
             :data:`CLAIM_UNMARKED`: an instance with no metadata of ours
-            (found by the record's name) is taken over.
-        :raises InstanceNotOurs: when the instance belongs to another owner.
-        :raises DriverError: when the hypervisor refuses.
+            at all (found by the record's name) is taken over.
+        :returns: True when written now; False when the hypervisor defers
+            it (Nova refuses metadata changes while a resize waits for its
+            confirmation: :meth:`confirm_resize` writes it).
+        :raises InstanceNotOurs: when the instance belongs to another owner
+            or its metadata is missing or unreadable (unless claimed).
+        :raises DriverError: when the instance does not exist or the
+            hypervisor refuses.
         """
         raise NotImplementedError
 
@@ -305,7 +312,9 @@ class ComputeDriver(abc.ABC):
         return []
 
     def connection_state(self) -> str:
-        """A few words on the driver's connection, for diagnostics."""
+        """A few words on the driver's connection, for diagnostics: e.g.
+        ``connected to URI since <ISO time>`` or ``reconnecting to URI
+        since <ISO time> (N failed attempts; last error: ...)``."""
         return 'unknown'
 
 

@@ -156,6 +156,7 @@ class AgentControl:
 def owned_domains(uri: str, owner: str) -> dict[str, object]:
     """The domains of ``uri`` whose rapid metadata names ``owner``."""
     import libvirt
+
     from rapid_vmm.virt.libvirt import config as vconfig
     conn = libvirt.open(uri)
     try:

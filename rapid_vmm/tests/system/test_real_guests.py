@@ -47,6 +47,8 @@ def agent(guest):
         'libvirt.network': guest['NETWORK'],
         'libvirt.ip_sources': 'lease',
         'libvirt.ip_timeout': 150,
+        # Memory growth by change_flavor is opt-in (test_change_flavor_live).
+        'libvirt.max_memory_mb': 256,
         'vm_types': '1,2 x 128,256 x 1',
         'as_register_timeout': 180,
         'report_interval': 2,

@@ -682,6 +682,7 @@ class TestIdentity(ManagerTestCase):
         vm = self._registered_vm(113)
         dom = self.domain(vm.name)
         import libvirt
+
         from rapid_vmm.virt.libvirt import config as vconfig
         for flags in (libvirt.VIR_DOMAIN_AFFECT_LIVE,
                       libvirt.VIR_DOMAIN_AFFECT_CONFIG):

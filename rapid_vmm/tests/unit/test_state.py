@@ -600,7 +600,7 @@ def test_kill_is_real_sigkill_not_cleanup(tmp_path):
     assert os.path.exists(os.path.join(data, state.DB_NAME + '-wal'))
 
 
-# -- schema 2: migration, transactions, outbox ---------------------------------
+# -- schema 2: migration, transactions, outbox ----------------------------
 
 
 def test_schema_1_is_migrated_with_its_records(tmp_path):

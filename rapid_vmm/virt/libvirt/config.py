@@ -1,8 +1,10 @@
 """Domain XML of rapid-vmm VMs, built and read with ElementTree.
 
 The domain carries our metadata in ``<metadata>`` under the namespace
-:data:`METADATA_NS`: the agent that owns it, the user id, helper index, OS
-type and size, so the state of the agent can be rebuilt from libvirt.
+:data:`METADATA_NS`: the agent that owns it (``owner``), the user id,
+helper index, OS type, size, the memory ceiling, the DS id of the VM
+(``vm_id``) and the VMM's identity (``vmm_id``, ``slam_host``,
+``slam_port``), so the state of the agent can be rebuilt from libvirt.
 """
 
 import dataclasses
@@ -13,8 +15,15 @@ METADATA_PREFIX = 'rapid'
 
 #: Integer fields of our metadata element, in order.
 _INT_FIELDS = ('user_id', 'helper', 'os_type', 'vcpus', 'memory_mb',
-               'disk_gb', 'gpu_cores')
-_STR_FIELDS = ('owner', 'image', 'disk')
+               'disk_gb', 'gpu_cores', 'memory_max_mb', 'vm_id', 'vmm_id',
+               'slam_port')
+_STR_FIELDS = ('owner', 'image', 'disk', 'slam_host')
+#: Fields of the VMM identity (``Instance.identity``).
+IDENTITY_FIELDS = ('vmm_id', 'slam_host', 'slam_port')
+
+
+class MetadataError(ValueError):
+    """Our metadata element is there but cannot be read."""
 
 
 @dataclasses.dataclass
@@ -129,19 +138,22 @@ def metadata_xml(values: dict) -> str:
                        encoding='unicode')
 
 
-def parse_metadata(xml: str) -> dict | None:
+def read_metadata(xml: str) -> dict:
     """Parse our metadata element as libvirt returns it.
 
     ``virDomainGetMetadata`` returns the element without its namespace
-    prefix; both forms are accepted. Returns None when it is not ours or is
-    malformed.
+    prefix; both forms are accepted.
+
+    :raises MetadataError: when the element is malformed, has a field of
+        the wrong type, or lacks the user id. (A missing ``owner`` is the
+        caller's to judge.)
     """
     try:
         root = ET.fromstring(xml)  # noqa: S314 - libvirt's own XML
-    except ET.ParseError:
-        return None
+    except ET.ParseError as exc:
+        raise MetadataError(f'not XML ({exc})') from None
     if _local(root.tag) != 'instance':
-        return None
+        raise MetadataError(f'unexpected element <{_local(root.tag)}>')
     values: dict = {}
     for child in root:
         field = _local(child.tag)
@@ -150,12 +162,21 @@ def parse_metadata(xml: str) -> dict | None:
             try:
                 values[field] = int(text)
             except ValueError:
-                return None
+                raise MetadataError(f'{field} {text!r} is not an '
+                                    f'integer') from None
         elif field in _STR_FIELDS:
             values[field] = text or None
-    if 'user_id' not in values:
-        return None
+    if values.get('user_id') is None:
+        raise MetadataError('no user_id')
     return values
+
+
+def parse_metadata(xml: str) -> dict | None:
+    """:func:`read_metadata`, or None when it cannot be read."""
+    try:
+        return read_metadata(xml)
+    except MetadataError:
+        return None
 
 
 def _local(tag: str) -> str:
@@ -177,3 +198,16 @@ def parse_domain_devices(xml: str) -> dict:
         if mac.get('address'):
             result['macs'].append(mac.get('address').lower())
     return result
+
+
+def domain_disk_files(xml: str) -> set[str]:
+    """Every file a domain XML uses as a disk: each ``<disk>``'s source
+    and the files of its ``<backingStore>`` chain."""
+    root = ET.fromstring(xml)  # noqa: S314 - libvirt's own XML
+    files = set()
+    for disk in root.iterfind('./devices/disk'):
+        for source in disk.iter('source'):
+            path = source.get('file')
+            if path:
+                files.add(path)
+    return files

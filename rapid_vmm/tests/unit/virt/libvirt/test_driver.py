@@ -60,13 +60,14 @@ class Env:
         vm.image = result.image
         return vm
 
-    def define_foreign(self, metadata=None, start=True):
+    def define_foreign(self, metadata=None, start=True, disk_path=None,
+                       name=None):
         """A domain that is not ours (no metadata, or another owner)."""
-        name = f'foreign-{uuid.uuid4().hex[:10]}'
+        name = name or f'foreign-{uuid.uuid4().hex[:10]}'
         spec = vconfig.DomainSpec(
             name=name, domain_type='test', vcpus=1, max_vcpus=1,
             memory_mb=128, max_memory_mb=128,
-            disk_path=os.path.join(self.tmp, name + '.qcow2'),
+            disk_path=disk_path or os.path.join(self.tmp, name + '.qcow2'),
             disk_format='qcow2', network='default', metadata={})
         root_xml = vconfig.build_domain_xml(spec)
         if metadata is None:
@@ -124,7 +125,7 @@ def script(env, name, body):
     return path
 
 
-# -- validate_config ------------------------------------------------------
+# -- validate_config ----------------------------------------------------------
 
 
 def test_validate_config_good(env):
@@ -178,13 +179,14 @@ def test_validate_config_without_qemu_img(env, monkeypatch):
         libvirt_driver.LibvirtDriver.validate_config(env.conf)
 
 
-# -- create ---------------------------------------------------------------
+# -- create -------------------------------------------------------------------
 
 
 def test_create(env):
     vm = env.vm(7, vcpus=2, memory_mb=2048, disk_gb=20, gpu_cores=3,
-                os_type=objects.OsType.ANDROID)
-    result = env.driver.create(vm)
+                vm_id=31)
+    identity = {'vmm_id': 4242, 'slam_host': 'slam.example', 'slam_port': 9}
+    result = env.driver.create(vm, identity)
     dom = env.domain(vm)
     assert dom is not None
     assert result.driver_id == dom.UUIDString()
@@ -195,15 +197,18 @@ def test_create(env):
                                             vm.name + '.qcow2')
     assert os.path.isfile(result.disk_path)
     assert result.image == env.fixture.template
-    # The grid's largest type is the ceiling of a live resize.
-    assert dom.maxMemory() == 4096 * 1024
+    # By default a domain's maximum memory is its own size; the vCPU
+    # ceiling of a live resize is the grid's largest.
+    assert dom.maxMemory() == 2048 * 1024
     assert dom.vcpusFlags(libvirt.VIR_DOMAIN_VCPU_MAXIMUM) == 4
     assert dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) == 2
     metadata = vconfig.parse_metadata(dom.metadata(
         libvirt.VIR_DOMAIN_METADATA_ELEMENT, vconfig.METADATA_NS))
     assert metadata == {'owner': env.conf.host, 'user_id': 7, 'helper': 0,
-                        'os_type': 1, 'vcpus': 2, 'memory_mb': 2048,
-                        'disk_gb': 20, 'gpu_cores': 3,
+                        'os_type': 0, 'vcpus': 2, 'memory_mb': 2048,
+                        'disk_gb': 20, 'gpu_cores': 3, 'memory_max_mb': 2048,
+                        'vm_id': 31, 'vmm_id': 4242,
+                        'slam_host': 'slam.example', 'slam_port': 9,
                         'image': env.fixture.template,
                         'disk': result.disk_path}
     devices = vconfig.parse_domain_devices(dom.XMLDesc(0))
@@ -241,10 +246,14 @@ def test_template_for(env):
 def test_create_max_sizes_from_options(env):
     env.conf.set_override('max_vcpus', 8, group='libvirt')
     env.conf.set_override('max_memory_mb', 6144, group='libvirt')
+    assert env.driver.memory_ceiling_mb(1024) == 6144
+    assert env.driver.memory_ceiling_mb(8192) == 8192
     vm = env.create(1)
     dom = env.domain(vm)
     assert dom.vcpusFlags(libvirt.VIR_DOMAIN_VCPU_MAXIMUM) == 8
     assert dom.maxMemory() == 6144 * 1024
+    [instance] = env.driver.list_instances()
+    assert instance.memory_max_mb == 6144
     # A VM bigger than the maximums gets its own size as maximum.
     big = env.create(2, vcpus=16, memory_mb=8192)
     dom = env.domain(big)
@@ -279,7 +288,7 @@ def test_create_failure_after_define_cleans_up(env, monkeypatch):
     assert os.listdir(os.path.join(env.conf.data_path, 'instances')) == []
 
 
-# -- addresses ------------------------------------------------------------
+# -- addresses ----------------------------------------------------------------
 
 
 def is_test_driver_address(ip):
@@ -383,7 +392,7 @@ def test_pick_address(interfaces, expected):
     assert libvirt_driver._pick_address(interfaces) == expected
 
 
-# -- suspend, resume ------------------------------------------------------
+# -- suspend, resume ----------------------------------------------------------
 
 
 def test_suspend_resume_idempotent(env):
@@ -418,7 +427,7 @@ def test_suspend_resume_missing_domain(env):
         env.driver.resume(vm)
 
 
-# -- resize -----------------------------------------------------------------
+# -- resize -------------------------------------------------------------------
 
 
 def metadata_of(dom, scope):
@@ -427,6 +436,7 @@ def metadata_of(dom, scope):
 
 
 def test_resize_within_maximums_live_and_config(env):
+    env.conf.set_override('max_memory_mb', 4096, group='libvirt')
     vm = env.create(1)
     dom = env.domain(vm)
     env.driver.resize(vm, flavors.VmType(4, 4096, 20))
@@ -456,17 +466,21 @@ def test_resize_of_inactive_domain_changes_config(env):
     vm = env.create(1)
     dom = env.domain(vm)
     dom.destroy()
-    env.driver.resize(vm, flavors.VmType(2, 2048, 20))
+    env.driver.resize(vm, flavors.VmType(2, 1024, 20))
     assert dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_CONFIG) == 2
     assert metadata_of(dom, libvirt.VIR_DOMAIN_AFFECT_CONFIG)['vcpus'] == 2
 
 
-@pytest.mark.parametrize('new_type', [flavors.VmType(8, 1024, 20),
-                                      flavors.VmType(1, 8192, 20)])
-def test_resize_beyond_maximum_is_state_conflict(env, new_type):
+@pytest.mark.parametrize('new_type, words', [
+    (flavors.VmType(8, 1024, 20), 'at most 4 vCPUs'),
+    (flavors.VmType(1, 8192, 20), 'at most 1024 MB'),
+    # By default even the grid's next size is beyond the ceiling.
+    (flavors.VmType(1, 2048, 20), r'\[libvirt\] max_memory_mb'),
+])
+def test_resize_beyond_maximum_is_state_conflict(env, new_type, words):
     vm = env.create(1)
     dom = env.domain(vm)
-    with pytest.raises(exception.VmStateConflict, match='at most 4 vCPUs'):
+    with pytest.raises(exception.VmStateConflict, match=words):
         env.driver.resize(vm, new_type)
     assert dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) == 1
     assert dom.info()[2] == 1024 * 1024
@@ -493,7 +507,7 @@ def test_resize_missing_domain(env):
         env.driver.resize(env.vm(1), flavors.VmType(2, 1024, 20))
 
 
-# -- destroy ----------------------------------------------------------------
+# -- destroy ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize('state', ['running', 'paused', 'shutoff'])
@@ -526,7 +540,7 @@ def test_destroy_of_nothing(env):
     env.driver.destroy(env.vm(1))
 
 
-# -- usage ------------------------------------------------------------------
+# -- usage --------------------------------------------------------------------
 
 
 def test_usage_on_test_driver(env):
@@ -610,7 +624,7 @@ def test_destroy_forgets_cpu_sample(env, monkeypatch):
     assert vm.name not in env.driver._cpu_samples
 
 
-# -- listing ----------------------------------------------------------------
+# -- listing ------------------------------------------------------------------
 
 
 def test_list_instances_only_ours(env):
@@ -627,7 +641,8 @@ def test_list_instances_only_ours(env):
         driver_id=mine.driver_id, name=mine.name,
         power_state=PowerState.RUNNING, user_id=5, helper=0, os_type=0,
         vcpus=2, memory_mb=2048, disk_gb=40, gpu_cores=1,
-        disk_path=mine.disk_path, image=env.fixture.template)
+        disk_path=mine.disk_path, image=env.fixture.template,
+        owner=env.conf.host, memory_max_mb=2048)
 
 
 def test_list_instances_defined_but_not_running(env):
@@ -637,36 +652,138 @@ def test_list_instances_defined_but_not_running(env):
     assert instance.power_state == PowerState.SHUTOFF
 
 
-@pytest.mark.parametrize('state, expected', [
-    ('VIR_DOMAIN_RUNNING', PowerState.RUNNING),
-    ('VIR_DOMAIN_BLOCKED', PowerState.RUNNING),
-    ('VIR_DOMAIN_PAUSED', PowerState.SUSPENDED),
-    ('VIR_DOMAIN_PMSUSPENDED', PowerState.SUSPENDED),
-    ('VIR_DOMAIN_SHUTDOWN', PowerState.SHUTOFF),
-    ('VIR_DOMAIN_SHUTOFF', PowerState.SHUTOFF),
-    ('VIR_DOMAIN_CRASHED', PowerState.CRASHED),
-    ('VIR_DOMAIN_NOSTATE', PowerState.UNKNOWN),
+@pytest.mark.parametrize('state, reason, expected, why', [
+    ('RUNNING', 'RUNNING_BOOTED', PowerState.RUNNING, ''),
+    ('BLOCKED', 'BLOCKED_UNKNOWN', PowerState.RUNNING, ''),
+    ('PAUSED', 'PAUSED_USER', PowerState.SUSPENDED, 'paused: user'),
+    ('PAUSED', 'PAUSED_SAVE', PowerState.SUSPENDED, 'paused: save'),
+    # Paused by a fault, not by a suspend: never reported as suspended.
+    ('PAUSED', 'PAUSED_IOERROR', PowerState.ERROR, 'paused: ioerror'),
+    ('PAUSED', 'PAUSED_WATCHDOG', PowerState.ERROR, 'paused: watchdog'),
+    ('PAUSED', 'PAUSED_CRASHED', PowerState.ERROR, 'paused: crashed'),
+    ('PAUSED', 'PAUSED_POSTCOPY_FAILED', PowerState.ERROR,
+     'paused: postcopy failed'),
+    ('PAUSED', 'PAUSED_UNKNOWN', PowerState.ERROR, 'paused: unknown'),
+    ('PMSUSPENDED', 'PMSUSPENDED_UNKNOWN', PowerState.SUSPENDED,
+     'pmsuspended'),
+    ('SHUTDOWN', 'SHUTDOWN_USER', PowerState.SHUTOFF, 'shutting down'),
+    ('SHUTOFF', 'SHUTOFF_SHUTDOWN', PowerState.SHUTOFF,
+     'shut off: shutdown'),
+    ('SHUTOFF', 'SHUTOFF_CRASHED', PowerState.CRASHED, 'shut off: crashed'),
+    ('CRASHED', 'CRASHED_PANICKED', PowerState.CRASHED, 'crashed'),
+    ('NOSTATE', 'NOSTATE_UNKNOWN', PowerState.UNKNOWN, 'no state'),
 ])
-def test_power_state(state, expected):
-    assert libvirt_driver._power_state(getattr(libvirt, state)) == expected
+def test_power_state(state, reason, expected, why):
+    assert libvirt_driver._power_state(
+        getattr(libvirt, f'VIR_DOMAIN_{state}'),
+        getattr(libvirt, f'VIR_DOMAIN_{reason}')) == (expected, why)
 
 
-def test_cleanup_orphans(env):
+def _old(*paths):
+    """Files untouched for longer than orphans.MIN_AGE."""
+    for path in paths:
+        os.utime(path, (1, 1))
+
+
+def test_cleanup_orphans_moves_aside_then_deletes_after_grace(env):
+    env.conf.set_override('orphan_disk_grace_period', 100, group='libvirt')
     vm = env.create(1)
     images = os.path.join(env.conf.data_path, 'instances')
     orphans = [os.path.join(images, name) for name in
                ('rapid-vm-99-gone.qcow2', 'rapid-vm-98-x.img',
                 'rapid-vm-97-y.qcow2.part')]
+    young = os.path.join(images, 'rapid-vm-96-new.qcow2')
     others = [os.path.join(images, name) for name in
               ('notes.txt', 'rapid-vm-1.console.log', 'template.qcow2')]
-    for path in orphans + others:
+    for path in orphans + others + [young]:
         open(path, 'w').close()
-    removed = env.driver.cleanup_orphans({vm.disk_path})
-    assert sorted(removed) == sorted(orphans)
+    _old(vm.disk_path, *orphans, *others)
+    moved = env.driver.cleanup_orphans({vm.disk_path})
+    assert sorted(moved) == sorted(orphans)
     assert os.path.exists(vm.disk_path)
+    assert os.path.exists(young)          # made a moment ago: not a candidate
     assert all(os.path.exists(p) for p in others)
     assert not any(os.path.exists(p) for p in orphans)
+    aside_dir = os.path.join(images, '.orphans')
+    aside = sorted(os.listdir(aside_dir))
+    assert sorted(name.split('-', 1)[1] for name in aside) == sorted(
+        os.path.basename(p) for p in orphans)
+    # Within the grace period nothing more happens.
     assert env.driver.cleanup_orphans({vm.disk_path}) == []
+    assert sorted(os.listdir(aside_dir)) == aside
+    # After it, the files aside are deleted.
+    env.driver._orphans.clock = lambda: time.time() + 101
+    deleted = env.driver.cleanup_orphans({vm.disk_path})
+    assert sorted(deleted) == sorted(os.path.join(aside_dir, name)
+                                     for name in aside)
+    assert os.listdir(aside_dir) == []
+    assert os.path.exists(vm.disk_path)
+
+
+def test_cleanup_orphans_keeps_what_any_domain_uses(env):
+    images = os.path.join(env.conf.data_path, 'instances')
+    mine = env.create(1)
+    # Disks no record knows, but a domain of another owner uses (active,
+    # inactive), or ours uses as its disk: never candidates.
+    foreign_running = env.define_foreign(
+        {'owner': 'another-host', 'user_id': 5},
+        disk_path=os.path.join(images, 'rapid-vm-5-other.qcow2'))
+    foreign_off = env.define_foreign(
+        None, start=False,
+        disk_path=os.path.join(images, 'rapid-vm-6-off.qcow2'))
+    used = [os.path.join(images, 'rapid-vm-5-other.qcow2'),
+            os.path.join(images, 'rapid-vm-6-off.qcow2')]
+    for path in used:
+        open(path, 'w').close()
+    _old(mine.disk_path, *used)
+    assert foreign_running.isActive() and not foreign_off.isActive()
+    assert env.driver.cleanup_orphans(set()) == []
+    assert all(os.path.exists(p) for p in [*used, mine.disk_path])
+
+
+def test_cleanup_orphans_restores_a_claimed_disk(env):
+    images = os.path.join(env.conf.data_path, 'instances')
+    path = os.path.join(images, 'rapid-vm-42-lost.qcow2')
+    with open(path, 'wb') as disk:
+        disk.write(b'data of user 42')
+    _old(path)
+    assert env.driver.cleanup_orphans(set()) == [path]
+    assert not os.path.exists(path)
+    # The record comes back (a restored database): the disk goes back.
+    assert env.driver.cleanup_orphans({path}) == []
+    with open(path, 'rb') as disk:
+        assert disk.read() == b'data of user 42'
+    assert os.listdir(os.path.join(images, '.orphans')) == []
+
+
+def test_cleanup_orphans_keeps_pool_disks(env):
+    env.conf.set_override('image_pool_size', 1, group='libvirt')
+    images = os.path.join(env.conf.data_path, 'instances')
+    key = libvirt_driver.imagepool.template_key(env.fixture.template)
+    pool_disk = os.path.join(images, f'rapid-pool-{key}-abc.qcow2')
+    stale_pool_disk = os.path.join(images, 'rapid-pool-000000000000-x.qcow2')
+    for path in (pool_disk, stale_pool_disk):
+        open(path, 'w').close()
+    _old(pool_disk, stale_pool_disk)
+    assert env.driver.cleanup_orphans(set()) == [stale_pool_disk]
+    assert os.path.exists(pool_disk)
+
+
+def test_cleanup_orphans_does_nothing_without_libvirt():
+    environment = Env(**{'libvirt.connection_uri':
+                         'test:///nonexistent/path.xml',
+                         'libvirt.orphan_disk_grace_period': 0})
+    try:
+        images = os.path.join(environment.conf.data_path, 'instances')
+        path = os.path.join(images, 'rapid-vm-1-x.qcow2')
+        open(path, 'w').close()
+        _old(path)
+        assert environment.driver.cleanup_orphans(set()) == []
+        assert os.path.exists(path)
+    finally:
+        environment.conn.close()
+        environment.driver.cleanup_host()
+        environment.fixture.cleanUp()
 
 
 # -- host ---------------------------------------------------------------------
@@ -851,3 +968,339 @@ class DriverBugTest(testtools.TestCase):
         self.assertRaises(exception.DriverError,
                           self.env.driver.list_instances)
 
+
+
+# -- observation --------------------------------------------------------------
+
+Presence = virt_driver.Presence
+
+
+def test_observe_tells_every_case_apart(env):
+    ours = env.create(1, vm_id=11)
+    paused = env.create(2)
+    env.domain(paused).suspend()
+    stopped = env.create(3)
+    env.domain(stopped).destroy()
+    foreign = env.define_foreign({'owner': 'another-host', 'user_id': 4,
+                                  'vcpus': 1})
+    bare = env.define_foreign()                       # no metadata at all
+    malformed = env.define_foreign({'owner': env.conf.host, 'user_id': 6})
+    malformed.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                          '<instance><owner>x</owner><user_id>six</user_id>'
+                          '</instance>', vconfig.METADATA_PREFIX,
+                          vconfig.METADATA_NS, 0)
+    ownerless = env.define_foreign({'user_id': 7})
+    gone = env.create(8)
+    env.driver.destroy(gone)
+    records = {
+        'ours': ours, 'paused': paused, 'stopped': stopped,
+        'foreign': env.vm(4, driver_id=foreign.UUIDString()),
+        'bare': env.vm(5, driver_id=bare.UUIDString()),
+        'malformed': env.vm(6, driver_id=malformed.UUIDString()),
+        'ownerless': env.vm(7, driver_id=ownerless.UUIDString()),
+        'gone': gone,
+        'never-made': env.vm(9),                      # no driver_id, no domain
+        'bad-uuid': env.vm(10, driver_id='not-a-uuid'),
+    }
+    seen = env.driver.observe(list(records.values()))
+    got = {key: seen[vm.name] for key, vm in records.items()}
+    assert {key: o.presence for key, o in got.items()} == {
+        'ours': Presence.OURS, 'paused': Presence.OURS,
+        'stopped': Presence.OURS, 'foreign': Presence.FOREIGN,
+        'bare': Presence.UNREADABLE, 'malformed': Presence.UNREADABLE,
+        'ownerless': Presence.UNREADABLE, 'gone': Presence.ABSENT,
+        'never-made': Presence.ABSENT, 'bad-uuid': Presence.UNKNOWN}
+    instance = got['ours'].instance
+    assert (instance.driver_id, instance.name, instance.owner,
+            instance.vm_id, instance.power_state) == (
+        ours.driver_id, ours.name, env.conf.host, 11, PowerState.RUNNING)
+    assert got['paused'].instance.power_state == PowerState.SUSPENDED
+    assert not got['paused'].instance.saved
+    assert got['paused'].instance.state_reason == 'paused: user'
+    assert got['stopped'].instance.power_state == PowerState.SHUTOFF
+    assert got['stopped'].instance.state_reason.startswith('shut off')
+    assert got['foreign'].instance.owner == 'another-host'
+    assert "'another-host'" in got['foreign'].reason
+    assert got['foreign'].name == foreign.name()
+    assert got['bare'].instance is None
+    assert 'no rapid-vmm metadata' in got['bare'].reason
+    assert 'six' in got['malformed'].reason
+    assert 'owner' in got['ownerless'].reason
+    assert gone.driver_id in got['gone'].reason
+    assert got['bad-uuid'].reason
+    # Observation changes nothing.
+    assert env.domain(paused).state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    assert foreign.isActive() and bare.isActive()
+
+
+def test_observe_finds_the_instance_by_uuid_not_by_name(env):
+    vm = env.create(1)
+    renamed = vm.copy(name=f'{vm.name}-renamed-record')
+    assert env.driver.observe([renamed])[renamed.name].instance.name == \
+        vm.name
+    # A domain of the record's name with another UUID is not its instance.
+    env.driver.destroy(vm)
+    twin = env.define_foreign({'owner': env.conf.host, 'user_id': 1},
+                              name=vm.name)
+    seen = env.driver.observe([vm])[vm.name]
+    assert seen.presence == Presence.ABSENT
+    assert twin.isActive()
+    # Without a driver_id (a start cut short) the name is all there is.
+    assert env.driver.observe([vm.copy(driver_id=None)])[vm.name].presence \
+        == Presence.OURS
+
+
+def test_observe_without_libvirt_raises():
+    environment = Env(**{'libvirt.connection_uri':
+                         'test:///nonexistent/path.xml'})
+    try:
+        with pytest.raises(exception.DriverError):
+            environment.driver.observe([environment.vm(1)])
+        assert environment.driver.connection_state().startswith(
+            'disconnected from test:///nonexistent/path.xml since')
+    finally:
+        environment.conn.close()
+        environment.driver.cleanup_host()
+        environment.fixture.cleanUp()
+
+
+def test_list_instances_of_given_owners(env):
+    mine = env.create(1)
+    env.define_foreign({'owner': 'old-name', 'user_id': 2, 'vm_id': 5})
+    env.define_foreign({'owner': 'someone-else', 'user_id': 3})
+    assert [i.name for i in env.driver.list_instances()] == [mine.name]
+    both = env.driver.list_instances(owners={env.conf.host, 'old-name'})
+    assert sorted((i.owner, i.user_id) for i in both) == sorted(
+        [(env.conf.host, 1), ('old-name', 2)])
+    assert env.driver.list_instances(owners=set()) == []
+
+
+def test_get_instance_is_kept_for_old_callers(env):
+    vm = env.create(1)
+    foreign = env.define_foreign({'owner': 'another-host', 'user_id': 2})
+    assert env.driver.get_instance(vm.name).driver_id == vm.driver_id
+    assert env.driver.get_instance(foreign.name()) is None
+    assert env.driver.get_instance('no-such-domain') is None
+
+
+def test_connection_state(env):
+    assert env.driver.connection_state().startswith(
+        'connected to test:///default since 20')
+
+
+# -- identity in the metadata -------------------------------------------------
+
+
+def metadata_in(dom, flags=0):
+    return vconfig.parse_metadata(dom.metadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT, vconfig.METADATA_NS, flags))
+
+
+def test_update_metadata_writes_ids_live_and_persistent(env):
+    vm = env.create(1)
+    identity = {'vmm_id': 77, 'slam_host': '10.0.0.9', 'slam_port': 9002}
+    assert env.driver.update_metadata(vm.copy(vm_id=501), identity) is True
+    dom = env.domain(vm)
+    for flags in (libvirt.VIR_DOMAIN_AFFECT_LIVE,
+                  libvirt.VIR_DOMAIN_AFFECT_CONFIG):
+        values = metadata_in(dom, flags)
+        assert (values['vm_id'], values['vmm_id'], values['slam_host'],
+                values['slam_port'], values['owner']) == (
+            501, 77, '10.0.0.9', 9002, env.conf.host)
+        assert values['disk'] == vm.disk_path
+    [instance] = env.driver.list_instances()
+    assert instance.vm_id == 501
+    assert instance.identity == identity
+    # A resize keeps them.
+    env.driver.resize(vm, flavors.VmType(2, 1024, 20))
+    assert metadata_in(dom)['vm_id'] == 501
+    assert env.driver.list_instances()[0].identity == identity
+    # A shut-off domain has only its persistent definition.
+    dom.destroy()
+    env.driver.update_metadata(vm.copy(vm_id=502), {'vmm_id': 78})
+    values = metadata_in(dom, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    assert (values['vm_id'], values['vmm_id']) == (502, 78)
+    assert 'slam_host' not in values
+
+
+def test_update_metadata_refuses_what_is_not_ours(env):
+    foreign = env.define_foreign({'owner': 'another-host', 'user_id': 2})
+    bare = env.define_foreign()
+    for dom in (foreign, bare):
+        vm = env.vm(2, driver_id=dom.UUIDString())
+        before = dom.XMLDesc(0)
+        with pytest.raises(exception.InstanceNotOurs):
+            env.driver.update_metadata(vm, {'vmm_id': 1})
+        assert dom.XMLDesc(0) == before
+    with pytest.raises(exception.DriverError, match='does not exist'):
+        env.driver.update_metadata(env.vm(3), {'vmm_id': 1})
+
+
+def test_update_metadata_takes_over_from_a_declared_old_name(env):
+    old = env.define_foreign({'owner': 'old-name', 'user_id': 2,
+                              'vcpus': 1, 'memory_mb': 128})
+    vm = env.vm(2, driver_id=old.UUIDString(), name=old.name(),
+                memory_mb=128, vm_id=9)
+    with pytest.raises(exception.InstanceNotOurs):
+        env.driver.update_metadata(vm, {'vmm_id': 1}, claim_from='other')
+    env.driver.update_metadata(vm, {'vmm_id': 1}, claim_from='old-name')
+    values = metadata_in(old)
+    assert (values['owner'], values['vm_id'], values['vmm_id']) == (
+        env.conf.host, 9, 1)
+    assert env.driver.observe([vm])[vm.name].presence == Presence.OURS
+
+
+# -- destroy never touches what is not ours -----------------------------------
+
+
+def test_destroy_refuses_a_foreign_or_unreadable_domain(env):
+    images = os.path.join(env.conf.data_path, 'instances')
+    for metadata in ({'owner': 'another-host', 'user_id': 1}, None):
+        disk = os.path.join(images, f'rapid-vm-1-{uuid.uuid4().hex}.qcow2')
+        open(disk, 'w').close()
+        dom = env.define_foreign(metadata, disk_path=disk)
+        for vm in (env.vm(1, driver_id=dom.UUIDString(), disk_path=disk),
+                   env.vm(1, name=dom.name(), disk_path=disk)):
+            with pytest.raises(exception.InstanceNotOurs) as error:
+                env.driver.destroy(vm)
+            assert 'left alone' in str(error.value)
+            assert dom.isActive()
+            assert os.path.exists(disk)
+
+
+def test_destroy_finds_the_domain_by_uuid(env):
+    vm = env.create(1)
+    other = env.create(2)
+    # The record's name is stale: the UUID decides.
+    env.driver.destroy(vm.copy(name=other.name, disk_path=None))
+    assert env.domain(vm) is None
+    assert not os.path.exists(vm.disk_path)
+    assert env.domain(other) is not None
+    assert os.path.exists(other.disk_path)
+
+
+def test_destroy_keeps_a_disk_another_domain_uses(env):
+    vm = env.create(1)
+    sharer = env.define_foreign({'owner': 'another-host', 'user_id': 9},
+                                start=False, disk_path=vm.disk_path)
+    env.driver.destroy(vm)
+    assert env.domain(vm) is None
+    assert os.path.exists(vm.disk_path)
+    # Absent domain, disk used: kept too; once unused, deleted.
+    env.driver.destroy(vm)
+    assert os.path.exists(vm.disk_path)
+    sharer.undefine()
+    env.driver.destroy(vm)
+    assert not os.path.exists(vm.disk_path)
+
+
+def test_create_never_overwrites_an_existing_disk(env):
+    vm = env.vm(1)
+    path = env.driver._images.disk_path(vm.name)
+    with open(path, 'wb') as disk:
+        disk.write(b'someone else')
+    with pytest.raises(exception.DriverError, match='exists already'):
+        env.driver.create(vm)
+    with open(path, 'rb') as disk:
+        assert disk.read() == b'someone else'
+    assert env.domain(vm) is None
+
+
+# -- suspend_mode -------------------------------------------------------------
+
+
+def test_suspend_pause_mode_keeps_memory(env):
+    vm = env.create(1)
+    assert env.driver.suspend(vm) is False
+    assert env.domain(vm).state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    assert not env.domain(vm).hasManagedSaveImage(0)
+
+
+def test_suspend_save_mode_uses_managed_save(env):
+    env.conf.set_override('suspend_mode', 'save')
+    vm = env.create(1, vm_id=3)
+    dom = env.domain(vm)
+    assert env.driver.suspend(vm) is True
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+    assert dom.hasManagedSaveImage(0)
+    assert env.driver.suspend(vm) is True             # idempotent
+    seen = env.driver.observe([vm])[vm.name]
+    assert seen.presence == Presence.OURS
+    assert (seen.instance.power_state, seen.instance.saved) == (
+        PowerState.SUSPENDED, True)
+    [listed] = env.driver.list_instances()
+    assert listed.saved and listed.power_state == PowerState.SUSPENDED
+    # Metadata written while it is saved is live again after the resume.
+    env.driver.update_metadata(vm.copy(vm_id=4), {'vmm_id': 5})
+    env.driver.resume(vm)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert not dom.hasManagedSaveImage(0)
+    assert metadata_in(dom, libvirt.VIR_DOMAIN_AFFECT_LIVE)['vm_id'] == 4
+    instance = env.driver.observe([vm])[vm.name].instance
+    assert (instance.power_state, instance.saved) == (PowerState.RUNNING,
+                                                     False)
+    # A paused domain is saved too (and resumes running).
+    dom.suspend()
+    assert env.driver.suspend(vm) is True
+    env.driver.resume(vm)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_suspend_save_mode_of_a_shut_off_domain_is_a_conflict(env):
+    env.conf.set_override('suspend_mode', 'save')
+    vm = env.create(1)
+    env.domain(vm).destroy()
+    with pytest.raises(exception.VmStateConflict, match='shut off'):
+        env.driver.suspend(vm)
+
+
+def test_destroy_of_a_saved_domain_removes_its_save_image(env):
+    env.conf.set_override('suspend_mode', 'save')
+    vm = env.create(1)
+    env.driver.suspend(vm)
+    env.driver.destroy(vm)
+    assert env.domain(vm) is None
+
+
+# -- Android templates --------------------------------------------------------
+
+
+def test_android_without_a_template_is_invalid_and_makes_nothing(env):
+    images = os.path.join(env.conf.data_path, 'instances')
+    for vm in (env.vm(1, os_type=objects.OsType.ANDROID),
+               env.vm(-1, helper=1, os_type=objects.OsType.ANDROID)):
+        with pytest.raises(exception.InvalidRequest, match='android_image'):
+            env.driver.create(vm)
+        assert env.domain(vm) is None
+    assert os.listdir(images) == []
+
+
+def test_android_templates(env):
+    android = os.path.join(env.tmp, 'android.qcow2')
+    android_helper = os.path.join(env.tmp, 'android-helper.qcow2')
+    for path in (android, android_helper):
+        shutil.copy(env.fixture.template, path)
+    env.conf.set_override('android_image', android, group='libvirt')
+    assert env.driver.template_for(
+        env.vm(-1, helper=1, os_type=objects.OsType.ANDROID)) == android
+    env.conf.set_override('android_helper_images', [android_helper],
+                          group='libvirt')
+    libvirt_driver.LibvirtDriver.validate_config(env.conf)
+    vm = env.create(1, os_type=objects.OsType.ANDROID)
+    assert vm.image == android
+    helper = env.create(-1, helper=1, os_type=objects.OsType.ANDROID)
+    assert helper.image == android_helper
+    assert env.driver.template_for(env.vm(2)) == env.fixture.template
+    instances = {i.user_id: i for i in env.driver.list_instances()}
+    assert (instances[1].os_type, instances[1].image) == (1, android)
+
+
+@pytest.mark.parametrize('option, value', [
+    ('android_image', '/nonexistent/android.qcow2'),
+    ('android_helper_images', ['/nonexistent/android-helper.qcow2']),
+])
+def test_validate_config_refuses_unreadable_android_templates(env, option,
+                                                              value):
+    env.conf.set_override(option, value, group='libvirt')
+    with pytest.raises(exception.ConfigError, match=option):
+        libvirt_driver.LibvirtDriver.validate_config(env.conf)

@@ -100,13 +100,19 @@ class TestPoolInTheAgent(testtools.TestCase):
         self.assertEqual(40 * GiB, qemu_info(disk)['virtual-size'])
         self.assertEqual(1, len(set(before) - set(pool_files())))
         self._wait(lambda: len(pool_files()) == 2)
-        # A half-made pool disk (crash) is an orphan; complete ones stay.
+        # A half-made pool disk (crash), left long enough, is an orphan:
+        # moved aside (not deleted); complete ones stay.
         partial = os.path.join(images, pool_files()[0] + '.part')
         with open(partial, 'wb') as part:
             part.write(b'half')
+        os.utime(partial, (1, 1))
         complete = pool_files()
-        f.restart()
+        self.assertIn(partial, f.manager.driver.cleanup_orphans(set()))
         self.assertFalse(os.path.exists(partial))
+        aside = os.listdir(os.path.join(images, '.orphans'))
+        self.assertEqual([os.path.basename(partial)],
+                         [name.split('-', 1)[1] for name in aside])
+        f.restart()
         self.assertTrue(set(complete) <= set(pool_files()))
 
     def _wait(self, predicate, timeout=30):
