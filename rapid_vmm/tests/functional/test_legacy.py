@@ -257,6 +257,7 @@ class TestPeerMode(LegacyAgentTestCase):
         # A start through the SLAM with the AS hand-shake.
         started, as_reply, ip = self.start_with_as(7)
         self.assertEqual([OK, 7, ip], started)
+        self.assertEqual([OK, 7], as_reply)
         normal = self.ds.wait_for(codec.VM_REGISTER_DS,
                                   lambda f: f['user_id'] == 7)[0]
         self.assertEqual((0, 1), (normal['category'], normal['status']))
