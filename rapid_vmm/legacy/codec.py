@@ -607,40 +607,33 @@ class Writer:
     def write_string_list(self, items: list[str]) -> 'Writer':
         self._drain()
         out = self._out
-        out.append(TC_OBJECT)
         if self._list_desc is None:
-            name = ARRAYLIST_CLASS.encode('ascii')
-            out.append(TC_CLASSDESC)
-            out += _SHORT.pack(len(name)) + name
-            out += _LONG.pack(ARRAYLIST_SUID)
+            out += _ARRAYLIST_DESC
             self._list_desc = self._assign()
-            out.append(ARRAYLIST_FLAGS)
-            out += _SHORT.pack(1) + b'I' + _SHORT.pack(4) + b'size'
-            out += bytes((TC_ENDBLOCKDATA, TC_NULL))
         else:
+            out.append(TC_OBJECT)
             out.append(TC_REFERENCE)
             out += _INT.pack(BASE_HANDLE + self._list_desc)
         self._assign()
-        out += _INT.pack(len(items))
-        self._block += _INT.pack(len(items))
-        self._drain()
+        size = _INT.pack(len(items))
+        # The size field, then writeObject's block with the capacity.
+        out += size + b'\x77\x04' + size
+        strings = self._strings
+        pack_short, pack_int = _SHORT.pack, _INT.pack
         for item in items:
+            handle = strings.get(item)
+            if handle is not None:
+                out += b'\x71' + pack_int(BASE_HANDLE + handle)
+                continue
             if not isinstance(item, str):
                 raise TypeError(f'list item {item!r} is not a string')
-            handle = self._strings.get(item)
-            if handle is not None:
-                out.append(TC_REFERENCE)
-                out += _INT.pack(BASE_HANDLE + handle)
-                continue
             data = encode_mutf8(item)
             if len(data) <= 0xFFFF:
-                out.append(TC_STRING)
-                out += _SHORT.pack(len(data))
+                out += b'\x74' + pack_short(len(data)) + data
             else:
-                out.append(TC_LONGSTRING)
-                out += _LONG.pack(len(data))
-            out += data
-            self._strings[item] = self._assign()
+                out += b'\x7c' + _LONG.pack(len(data)) + data
+            strings[item] = self._next_handle
+            self._next_handle += 1
         out.append(TC_ENDBLOCKDATA)
         return self
 
@@ -675,6 +668,15 @@ class Writer:
         """Everything written so far (pending primitives in a block)."""
         self._drain()
         return bytes(self._out)
+
+
+#: TC_OBJECT and the class descriptor of java.util.ArrayList, first use.
+_ARRAYLIST_DESC = (bytes((TC_OBJECT, TC_CLASSDESC)) +
+                   _SHORT.pack(len(ARRAYLIST_CLASS)) +
+                   ARRAYLIST_CLASS.encode('ascii') +
+                   _LONG.pack(ARRAYLIST_SUID) + bytes((ARRAYLIST_FLAGS,)) +
+                   _SHORT.pack(1) + b'I' + _SHORT.pack(4) + b'size' +
+                   bytes((TC_ENDBLOCKDATA, TC_NULL)))
 
 
 def _check(value: Any, low: int, high: int, kind: str) -> int:
@@ -720,6 +722,34 @@ def encode_request(command: int, **fields: Any) -> bytes:
     for name, kind in spec:
         writer.write(kind, fields[name])
     return writer.getvalue()
+
+
+_FIXED = {'byte': _BYTE, 'int': _INT, 'long': _LONG}
+_SIMPLE_REQUESTS = {
+    command: struct.Struct('>' + ''.join(_FIXED[kind].format[1:]
+                                         for _name, kind in spec))
+    for command, spec in REQUESTS.items()
+    if all(kind in _FIXED for _name, kind in spec)}
+
+
+def read_simple_request(data: bytes) -> tuple[int, dict[str, Any]] | None:
+    """:func:`read_request` for the common shape, or None.
+
+    The common shape: the header and one short block holding exactly the
+    command and its fixed-size fields (what every original client sends
+    for the requests without strings). Anything else (more data, other
+    blocks, strings) is None: read it with :func:`read_request`.
+    """
+    if len(data) < 7 or data[4] != TC_BLOCKDATA or \
+            data[5] != len(data) - 6 or data[:4] != HEADER:
+        return None
+    command = _BYTE.unpack_from(data, 6)[0]
+    layout = _SIMPLE_REQUESTS.get(command)
+    if layout is None or layout.size != len(data) - 7:
+        return None
+    values = layout.unpack_from(data, 7)
+    return command, dict(zip((name for name, _k in REQUESTS[command]),
+                             values, strict=True))
 
 
 def read_request(reader: Reader) -> tuple[int, dict[str, Any]]:

@@ -395,3 +395,31 @@ def test_random_bytes_raise_only_codec_errors(data, layout):
             codec.decode(candidate, layout)
         except codec.CodecError:
             pass
+
+
+@needs_vectors
+@pytest.mark.parametrize('name', sorted(REQUEST_VECTORS))
+def test_simple_request_reader_agrees_with_the_reader(name):
+    data = vector(name)
+    simple = codec.read_simple_request(data)
+    reader = codec.Reader(codec.BufferSource(data))
+    full = codec.read_request(reader)
+    if 'utf' in [kind for _n, kind in codec.REQUESTS[full[0]]]:
+        assert simple is None
+    else:
+        assert simple == full
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40), st.sampled_from(sorted(REQUEST_VECTORS)))
+def test_simple_request_reader_never_disagrees(noise, name):
+    try:
+        seed = vector(name)
+    except OSError:
+        return
+    for data in (seed[:7] + noise, seed + noise, noise, seed[:-1]):
+        simple = codec.read_simple_request(data)
+        if simple is None:
+            continue
+        assert simple == codec.read_request(
+            codec.Reader(codec.BufferSource(data)))

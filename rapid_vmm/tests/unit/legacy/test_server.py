@@ -27,7 +27,8 @@ ERROR = [codec.ERROR]
 
 def service(**overrides):
     values = {'legacy.enabled': True, 'legacy.bind_host': '127.0.0.1',
-              'legacy.port': 0, 'legacy.read_timeout': 2}
+              'legacy.port': 0, 'legacy.read_timeout': 2,
+              'legacy.as_register_wait': 0.5}
     values.update(overrides)
     fixture = rfix.ServiceFixture(**values)
     fixture.setUp()
