@@ -163,15 +163,17 @@ class OriginalDirectoryServer(_Peer):
         if self.delay:
             time.sleep(self.delay)
         out = codec.Writer(header=False)
+        # Each message is recorded before it is answered: a caller that has
+        # the reply finds it in ``messages``.
         if command == codec.SLAM_REGISTER_DS:
             fields = _fields(reader, command)
             self.slam = (fields['ip_address'], fields['port'])
-            conn.sendall(out.write_byte(codec.OK).getvalue())
+            out.write_byte(codec.OK)
         elif command == codec.VMM_REGISTER_DS:
             if self.slam is None:
                 # As the original: ERROR before the request is read.
-                conn.sendall(out.write_byte(codec.ERROR).getvalue())
                 self.record(command, {'refused': 'no SLAM'}, peer)
+                conn.sendall(out.write_byte(codec.ERROR).getvalue())
                 return
             fields = _fields(reader, command)
             with self._lock:
@@ -182,12 +184,11 @@ class OriginalDirectoryServer(_Peer):
                     self.vmms[fields['ip_address']] = vmm_id
             if known:
                 fields['refused'] = 'known IP'
-                conn.sendall(out.write_byte(codec.ERROR).getvalue())
+                out.write_byte(codec.ERROR)
             else:
                 fields['vmm_id'] = vmm_id
-                conn.sendall(out.write_byte(codec.OK).write_long(vmm_id)
-                             .write_utf(self.slam[0]).write_int(self.slam[1])
-                             .getvalue())
+                out.write_byte(codec.OK).write_long(vmm_id).write_utf(
+                    self.slam[0]).write_int(self.slam[1])
         elif command == codec.VM_REGISTER_DS:
             fields = _fields(reader, command)
             with self._lock:
@@ -195,7 +196,7 @@ class OriginalDirectoryServer(_Peer):
                 self._next_vm += 1
                 self.vms[vm_id] = dict(fields)
             fields['vm_id'] = vm_id
-            conn.sendall(out.write_long(vm_id).getvalue())  # bare long
+            out.write_long(vm_id)  # a bare long, no status byte
         elif command in (codec.VMM_NOTIFY_DS, codec.VM_NOTIFY_DS,
                          codec.HELPER_NOTIFY_DS):
             fields = _fields(reader, command)
@@ -205,6 +206,9 @@ class OriginalDirectoryServer(_Peer):
             self.errors.append(f'unexpected command {command}')
             return
         self.record(command, fields, peer)
+        reply = out.getvalue()
+        if reply:
+            conn.sendall(reply)
 
     def deregister(self, vmm_address, user_id: int) -> None:
         """``DS_VM_DEREGISTER_VMM`` as the original sends it."""
@@ -223,9 +227,9 @@ class OriginalSlam(_Peer):
             self.errors.append(f'unexpected command {command}')
             return
         fields = _fields(reader, command)
+        self.record(command, fields, peer)
         conn.sendall(codec.Writer(header=False).write_byte(codec.OK)
                      .getvalue())
-        self.record(command, fields, peer)
 
     def register_with(self, ds: OriginalDirectoryServer) -> None:
         call(ds.address, request(codec.SLAM_REGISTER_DS,
