@@ -136,9 +136,9 @@ def exchange(address, frame, read, timeout=150):
 def ac_register_new_when_placed(**kwargs):
     """AC_REGISTER_NEW_DS until the DS places the user on a host.
 
-    The original DS skips a host whose reported CPU load (it reads it as
-    free CPU) leaves less than the request: on a busy machine a report or
-    two later it is placed.
+    The original DS skips a host whose reported CPU load leaves less
+    than the request (vcpus / cores of the host): on a busy machine a
+    report or two later it is placed.
     """
     return wait_until(lambda: (lambda r: r if r[0] == OK else None)(
         ac_register_new(**kwargs)), 60, 'the DS placing the user')
