@@ -12,6 +12,7 @@ from oslo_config import cfg
 from rapid_vmm import exception
 from rapid_vmm import flavors
 from rapid_vmm.conf import opts as conf_opts
+from rapid_vmm.legacy import server as legacy_server
 from rapid_vmm.virt import driver as virt_driver
 
 
@@ -59,4 +60,5 @@ def validate(conf: cfg.ConfigOpts) -> None:
     flavors.parse_grid(conf.vm_types)
     _check_gpu_devices(conf.gpu.devices)
     _check_data_path(conf.data_path)
+    legacy_server.validate_config(conf)
     virt_driver.driver_class(conf).validate_config(conf)

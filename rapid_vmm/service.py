@@ -52,6 +52,7 @@ class VmmService(service.Service):
         self.endpoint: vmm_endpoint.VmmEndpoint | None = None
         self.rpc_server = None
         self.transport = None
+        self.legacy_server = None
         self._stopped = threading.Event()
 
     def build_manager(self, transport) -> vmm_manager.VmmManager:
@@ -83,6 +84,13 @@ class VmmService(service.Service):
                                          conf.max_concurrent_requests,
                                          explicit=True)
         self.rpc_server.start()
+        # -- legacy RAPID TCP front end (rapid_vmm.legacy.server) -----------
+        if conf.legacy.enabled:
+            from rapid_vmm.legacy import server as legacy_server
+            self.legacy_server = legacy_server.LegacyServer(conf,
+                                                            self.manager)
+            self.legacy_server.start()
+        # -- end of the legacy front end --------------------------------------
         LOG.info('rapid-vmm serving topic %s as server %s with the %s '
                  'driver', conf.vmm_topic, conf.host,
                  self.manager.driver.name)
@@ -103,6 +111,8 @@ class VmmService(service.Service):
         LOG.info('rapid-vmm stopping')
         if self.manager is not None:
             self.manager.stop()
+        if self.legacy_server is not None:  # legacy RAPID TCP front end
+            self.legacy_server.stop()
         if self.rpc_server is not None:
             try:
                 self.rpc_server.stop()

@@ -207,11 +207,59 @@ exec </dev/console >/dev/console 2>&1
 echo "RAPID-GUEST-BOOT kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
 
 HB=5
+AS=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         rapid.hb=*) HB=${arg#rapid.hb=} ;;
+        rapid.as=*) AS=${arg#rapid.as=} ;;
     esac
 done
+
+# The guest's Acceleration Server stand-in (rapid.as= on the cmdline):
+#   legacy:HOST:PORT  registers as the original AS does: AS_RM_REGISTER_VMM
+#                     (38, our IP) to the VMM's legacy port, reads OK + user
+#                     id, sends its status byte OK;
+#   rpc               prints "RAPID-GUEST-AS rpc ready <ip>" for the test,
+#                     which registers it over RPC (no AMQP client here).
+as_legacy() {
+    host=$1 port=$2 ip=$3
+    n=$(( ${#ip} + 3 ))
+    frame="\254\355\000\005\167\\$(printf %03o "$n")\046\000\\$(printf %03o "${#ip}")"
+    try=1
+    while [ $try -le 5 ]; do
+        # Java object stream: header, one block (command, UTF IP), then the
+        # status block; nc half-closes and prints the reply until the VMM
+        # closes.
+        reply=$(printf "$frame%s\167\001\001" "$ip" \
+            | timeout 60 nc -w 10 "$host" "$port" | od -An -tu1 | tr -s ' \n' '  ')
+        set -- $reply
+        if [ "$#" -ge 15 ] && [ "$5" = 119 ] && [ "$7" = 1 ]; then
+            shift 7
+            user=0
+            for b in "$@"; do
+                user=$(( user * 256 + b ))
+            done
+            echo "RAPID-GUEST-AS legacy registered user $user with $host:$port"
+            return 0
+        fi
+        echo "RAPID-GUEST-AS legacy attempt $try failed: [$reply]"
+        try=$((try + 1))
+        sleep 2
+    done
+    return 1
+}
+
+as_start() {
+    ip=$(cat /run/rapid-ip)
+    case "$AS" in
+        legacy:*:*)
+            rest=${AS#legacy:}
+            as_legacy "${rest%:*}" "${rest##*:}" "$ip"
+            ;;
+        rpc) echo "RAPID-GUEST-AS rpc ready $ip" ;;
+        *) echo "RAPID-GUEST-AS unknown mode '$AS'" ;;
+    esac
+}
 
 while read -r mod; do
     insmod "/lib/modules/$mod" 2>/dev/null || echo "RAPID-GUEST-WARN insmod $mod failed"
@@ -271,6 +319,7 @@ fi
 if [ -s /run/rapid-ip ]; then
     echo "RAPID-GUEST-READY $(cat /run/rapid-ip)"
     echo "RAPID-GUEST-UPTIME $(cut -d' ' -f1 /proc/uptime)"
+    [ -n "$AS" ] && as_start &
 else
     echo "RAPID-GUEST-NOLEASE ${IF:-no-interface}"
 fi

@@ -4,14 +4,25 @@ One agent process (``compute_driver = libvirt``, ``qemu:///system``) and
 one real guest (Debian kernel + busybox initramfs, direct kernel boot, an
 overlay of a template disk, DHCP on an isolated network) go through the
 whole life cycle. The tests of this module run in order and share them.
+
+The guest's own Acceleration Server stand-in registers it: with
+``rapid.as=legacy:HOST:PORT`` on its kernel command line its ``/init``
+sends the original AS's ``AS_RM_REGISTER_VMM`` to the agent's legacy port
+(``[legacy] enabled``), so ``start_vm`` completes only once the guest
+itself registered. The last test boots a guest with ``rapid.as=rpc``
+under a second agent (legacy protocol off): the guest announces its AS on
+its console and the test registers it over RPC (the guest has no AMQP
+client), the RPC AS variant.
 """
 
 import json
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
+from xml.etree import ElementTree
 
 import libvirt
 import pytest
@@ -35,15 +46,15 @@ def wait_until(predicate, timeout, what, agent=None):
         time.sleep(0.5)
 
 
-@pytest.fixture(scope='module')
-def agent(guest):
-    fixture = agent_fixture.AgentProcess(**{
+def guest_agent_values(guest, cmdline_extra: str, **overrides) -> dict:
+    values = {
         'libvirt.connection_uri': 'qemu:///system',
         'libvirt.virt_type': guest.get('RAPID_GUEST_DOMAIN_TYPE', 'qemu'),
         'libvirt.normal_image': guest['RAPID_GUEST_TEMPLATE'],
         'libvirt.kernel': guest['RAPID_GUEST_KERNEL'],
         'libvirt.initrd': guest['RAPID_GUEST_INITRD'],
-        'libvirt.kernel_cmdline': guest['RAPID_GUEST_CMDLINE'],
+        'libvirt.kernel_cmdline': (guest['RAPID_GUEST_CMDLINE'] + ' ' +
+                                   cmdline_extra),
         'libvirt.network': guest['NETWORK'],
         'libvirt.ip_sources': 'lease',
         'libvirt.ip_timeout': 150,
@@ -55,7 +66,37 @@ def agent(guest):
         'reconcile_interval': 5,
         'ram_allocation_ratio': 1.0,
         'disk_allocation_ratio': 1.0,
-    })
+    }
+    values.update(overrides)
+    return values
+
+
+def network_host_address(network: str) -> str:
+    """The host's address on the test network (its <ip address=...>)."""
+    conn = libvirt.open('qemu:///system')
+    try:
+        xml = conn.networkLookupByName(network).XMLDesc(0)
+    finally:
+        conn.close()
+    return ElementTree.fromstring(xml).find('ip').get('address')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def agent(guest):
+    host_ip = network_host_address(guest['NETWORK'])
+    port = free_port()
+    subnet = host_ip.rsplit('.', 1)[0] + '.0/24'
+    fixture = agent_fixture.AgentProcess(**guest_agent_values(
+        guest, f'rapid.as=legacy:{host_ip}:{port}', **{
+            'legacy.enabled': True, 'legacy.bind_host': host_ip,
+            'legacy.port': port,
+            'legacy.allowed_peers': [subnet, '127.0.0.0/8']}))
     fixture.setUp()
     try:
         fixture.start()
@@ -73,37 +114,11 @@ def conn():
 
 @pytest.fixture(scope='module')
 def vm(agent, guest, conn):
-    """Start the guest through the agent, playing its AS at boot."""
+    """Start the guest through the agent; its own AS registers it."""
     api = agent.api
-    result = {}
-
-    def play_as():
-        if 'error' in result:
-            raise AssertionError(f"start_vm failed: {result['error']}")
-        vms = api.get_vm_info({})
-        mine = [v for v in vms if v['user_id'] == USER and v['ip_address']]
-        if not mine:
-            return None
-        reply = api.as_register({}, ip_address=mine[0]['ip_address'])
-        api.as_confirm({}, user_id=reply['user_id'])
-        return reply
-
     started = time.monotonic()
-
-    def run_start():
-        try:
-            result['vm'] = api.start_vm({}, user_id=USER, os_type=0,
-                                        vcpus=1, memory_mb=128, disk_gb=1)
-        except Exception as exc:
-            result['error'] = exc
-
-    thread = threading.Thread(target=run_start)
-    thread.start()
-    reply = wait_until(play_as, 200, 'the guest\'s DHCP lease', agent)
-    thread.join(60)
-    assert reply == {'user_id': USER}
-    assert 'vm' in result, agent.log_tail()
-    record = result['vm']
+    record = api.start_vm({}, user_id=USER, os_type=0, vcpus=1,
+                          memory_mb=128, disk_gb=1)
     record['boot_s'] = time.monotonic() - started
     yield record
 
@@ -146,6 +161,17 @@ def test_start_vm_boots_a_real_guest_with_the_lease_ip(agent, vm, conn,
         'register_vm', lambda kw: kw['user_id'] == USER)
     assert registered[0]['vm_id'] == vm['vm_id']
     print(f"boot to start_vm reply: {vm['boot_s']:.1f} s")
+
+
+def test_the_guests_own_as_registered_over_the_legacy_port(agent, vm):
+    # start_vm returned only after the guest's AS registered (the agent
+    # waits up to as_register_timeout for it, nobody else registers it).
+    assert agent.api.get_vm_info({}, user_id=USER)[0]['as_ready'] is True
+    line = wait_until(lambda: re.search(
+        r'RAPID-GUEST-AS legacy registered user (\d+)',
+        serial_log(agent, vm['name'])), 30, 'the AS line on the console')
+    assert int(line.group(1)) == USER
+    assert agent.log_lines('registered over the legacy protocol')
 
 
 def test_usage_is_non_zero_and_sane(agent, vm):
@@ -248,3 +274,58 @@ def test_remove_leaves_no_disk_and_no_domain(agent, vm, conn):
         conn.lookupByName(vm['name'])
     assert [n for n in os.listdir(images) if vm['name'] in n] == []
     agent.ds.recorder.wait_for('notify_vm', lambda kw: kw['status'] == 4)
+
+
+@pytest.fixture
+def rpc_agent(guest):
+    fixture = agent_fixture.AgentProcess(**guest_agent_values(
+        guest, 'rapid.as=rpc'))
+    fixture.setUp()
+    try:
+        fixture.start()
+        yield fixture
+    finally:
+        fixture.cleanUp()
+
+
+def test_guest_with_an_rpc_as(rpc_agent, conn):
+    """The RPC variant: the guest says its AS is up; the test registers
+    it over RPC for it (as an RPC AS would); only then start_vm returns."""
+    api = rpc_agent.api
+    user = USER + 1
+    result = {}
+
+    def run_start():
+        try:
+            result['vm'] = api.start_vm({}, user_id=user, os_type=0,
+                                        vcpus=1, memory_mb=128, disk_gb=1)
+        except Exception as exc:
+            result['error'] = exc
+
+    thread = threading.Thread(target=run_start)
+    thread.start()
+
+    def announced():
+        if 'error' in result:
+            raise AssertionError(f"start_vm failed: {result['error']}")
+        mine = [v for v in api.get_vm_info({}) if v['user_id'] == user]
+        if not mine:
+            return None
+        try:
+            text = serial_log(rpc_agent, mine[0]['name'])
+        except OSError:
+            return None
+        return re.search(r'RAPID-GUEST-AS rpc ready (\S+)', text)
+
+    match = wait_until(announced, 200, 'the guest\'s AS announcement',
+                       rpc_agent)
+    assert 'vm' not in result  # still waiting for the AS
+    reply = api.as_register({}, ip_address=match.group(1))
+    assert reply == {'user_id': user}
+    api.as_confirm({}, user_id=user)
+    thread.join(60)
+    assert 'vm' in result, rpc_agent.log_tail()
+    assert result['vm']['ip_address'] == match.group(1)
+    assert api.remove_vm({}, user_id=user) is None
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName(result['vm']['name'])

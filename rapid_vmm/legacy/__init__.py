@@ -1,0 +1,1 @@
+"""The original RAPID TCP protocol: codec, front end, peer mode, import."""
