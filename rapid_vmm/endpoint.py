@@ -53,6 +53,9 @@ class VmmEndpoint:
     def __init__(self, manager, protocol: str = 'rpc'):
         self.__manager = manager
         self.__protocol = protocol
+        #: The legacy front end logs each refusal itself, with the peer's
+        #: address: one line per refused request, not two.
+        self.log_refusals = protocol == 'rpc'
 
     @rpc.remotable
     def start_vm(self, ctxt, *, user_id, os_type, vcpus, memory_mb,

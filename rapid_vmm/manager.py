@@ -72,8 +72,10 @@ class VmmManager:
     def __init__(self, conf: cfg.ConfigOpts,
                  driver: virt_driver.ComputeDriver, store: state.StateStore,
                  monitor, ds_api: peers.DirectoryServer,
-                 slam_api: peers.SlaManager):
+                 slam_api: peers.SlaManager, transport=None):
         self.conf = conf
+        #: The RPC transport, to tell an AS that registered over RPC.
+        self.transport = transport
         self.driver = driver
         self.store = store
         self.monitor = monitor
@@ -101,6 +103,7 @@ class VmmManager:
             conf, store, driver, self.grid, self.limits, self.locks,
             self.handshake, lambda: self.reporter.identity,
             self.outbox.wake, self._stopping)
+        self.lifecycle.before_resize = self._notify_as_of_resize
         self.reconciler = vm_reconciler.Reconciler(self)
 
     # ------------------------------------------------------------------
@@ -440,6 +443,20 @@ class VmmManager:
     # ------------------------------------------------------------------
     # callbacks of the parts
     # ------------------------------------------------------------------
+
+    def _notify_as_of_resize(self, vm: objects.Vm) -> None:
+        """Tell the VM's AS it is about to be resized (SPEC F6, 7), over
+        the protocol it registered with, and wait (bounded) for it.
+
+        :raises VmStateConflict: when the AS refuses (it is busy); an AS
+            that does not answer does not hold the resize up.
+        """
+        from rapid_vmm.legacy import as_notice
+        outcome = as_notice.notify_migration(self.conf, vm, self.transport)
+        if outcome == as_notice.Outcome.REFUSED:
+            raise exception.VmStateConflict(
+                action='resize', user_id=vm.user_id,
+                state='refused by its Acceleration Server')
 
     def _on_registered(self) -> None:
         self.outbox.wake()

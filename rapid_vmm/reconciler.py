@@ -52,9 +52,9 @@ _POWER_TO_STATUS = {
     Power.CRASHED: Status.STOPPED,
 }
 
-#: Marks an imported record (``rapid-vmm-manage import-legacy``) whose
-#: instance was made by the original Java VMM and has no metadata of ours.
-IMPORT_INTENT = {'import': 'legacy'}
+#: An imported record (``rapid-vmm-manage import-legacy``) has the intent
+#: ``{'import': 'legacy'}``: its instance was made by the original Java
+#: VMM and has no metadata of ours until it is taken over.
 
 
 class Reconciler:
@@ -270,7 +270,7 @@ class Reconciler:
         if previous and instance is not None and instance.owner == previous:
             claim_from = previous
         elif observation.presence == Presence.UNREADABLE and \
-                vm.intent == IMPORT_INTENT:
+                (vm.intent or {}).get('import') == 'legacy':
             claim_from = virt_driver.CLAIM_UNMARKED
         if claim_from is not None:
             try:

@@ -211,7 +211,8 @@ def remotable(func):
                     reason=f'{func.__name__}: {exc}') from None
             return func(self, context, **kwargs)
         except exception.EXPECTED_ERRORS as error:
-            LOG.warning('%s refused: %s', func.__name__, error)
+            if getattr(self, 'log_refusals', True):
+                LOG.warning('%s refused: %s', func.__name__, error)
             raise rpc_dispatcher.ExpectedException() from error
         except Exception as unexpected:
             LOG.exception('%s failed unexpectedly', func.__name__)

@@ -66,7 +66,7 @@ class VmmService(service.Service):
             driver=virt_driver.load_driver(conf),
             store=state.StateStore(conf.data_path),
             monitor=monitor.ResourceMonitor(conf),
-            ds_api=ds_api, slam_api=slam_api)
+            ds_api=ds_api, slam_api=slam_api, transport=transport)
         built.append(manager)
         return manager
 
@@ -84,13 +84,14 @@ class VmmService(service.Service):
                                          conf.max_concurrent_requests,
                                          explicit=True)
         self.rpc_server.start()
-        # -- legacy RAPID TCP front end (rapid_vmm.legacy.server) -----------
         if conf.legacy.enabled:
+            # The original RAPID TCP protocol, over the same API (its own
+            # endpoint: an AS that registers there is told over it).
             from rapid_vmm.legacy import server as legacy_server
-            self.legacy_server = legacy_server.LegacyServer(conf,
-                                                            self.manager)
+            self.legacy_server = legacy_server.LegacyServer(
+                conf, vmm_endpoint.VmmEndpoint(self.manager,
+                                               protocol='legacy'))
             self.legacy_server.start()
-        # -- end of the legacy front end --------------------------------------
         LOG.info('rapid-vmm serving topic %s as server %s with the %s '
                  'driver', conf.vmm_topic, conf.host,
                  self.manager.driver.name)
@@ -111,7 +112,7 @@ class VmmService(service.Service):
         LOG.info('rapid-vmm stopping')
         if self.manager is not None:
             self.manager.stop()
-        if self.legacy_server is not None:  # legacy RAPID TCP front end
+        if self.legacy_server is not None:
             self.legacy_server.stop()
         if self.rpc_server is not None:
             try:

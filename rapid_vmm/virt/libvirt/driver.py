@@ -584,11 +584,22 @@ class LibvirtDriver(driver.ComputeDriver):
         if os.path.realpath(disk_path) in in_use:
             LOG.warning('Keeping disk %s of removed VM %s: another domain '
                         'uses it', disk_path, vm.name)
+        elif os.path.realpath(disk_path) in self._templates():
+            # A helper imported from the Java VMM ran on its template.
+            LOG.warning('Keeping disk %s of removed VM %s: it is a '
+                        'configured template', disk_path, vm.name)
         else:
             self._images.delete(disk_path)
         self._images.delete(self._console_log(vm.name))
         with self._cpu_lock:
             self._cpu_samples.pop(vm.name, None)
+
+    def _templates(self) -> set[str]:
+        """Real paths of every configured template image."""
+        group = self.conf.libvirt
+        paths = [group.normal_image, group.android_image,
+                 *group.helper_images, *group.android_helper_images]
+        return {os.path.realpath(p) for p in paths if p}
 
     def _disks_in_use(self, conn=None) -> set[str]:
         """Real paths of every file a domain of any owner uses as a disk
