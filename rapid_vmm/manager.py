@@ -24,6 +24,7 @@ import oslo_messaging as messaging
 from rapid_vmm import capacity
 from rapid_vmm import exception
 from rapid_vmm import flavors
+from rapid_vmm import notifications
 from rapid_vmm import objects
 from rapid_vmm import reconciler
 from rapid_vmm import reporter
@@ -72,6 +73,9 @@ class VmmManager:
                                           slam_api, self.grid, self.limits,
                                           self._stopping)
         self.reconciler = reconciler.Reconciler(self)
+        #: ops (issue 10.5): a notifications.VmNotifier, set by the service;
+        #: told of every VM state change.
+        self.notifier = notifications.NULL
 
     # ------------------------------------------------------------------
     # start and stop
@@ -264,6 +268,8 @@ class VmmManager:
                 vm.pending_resize = {'from': old_type.as_list(),
                                      'to': new_type.as_list()}
                 self.store.save_vm(vm)
+            self.notifier.vm_changed(context, 'resized', self._record(vm),
+                                     previous=old_type.as_list())
             LOG.info('Resized the VM of user %s from %s to %s', user_id,
                      old_type.as_list(), new_type.as_list())
             return self._record(vm)
@@ -279,6 +285,8 @@ class VmmManager:
             self.driver.confirm_resize(vm)
             vm.pending_resize = None
             self.store.save_vm(vm)
+            self.notifier.vm_changed(context, 'resize_confirmed',
+                                     self._record(vm))
             return self._record(vm)
 
     @rpc.remotable
@@ -428,6 +436,10 @@ class VmmManager:
         except Exception as exc:
             LOG.error('Starting %s for user %s failed: %s', vm.name,
                       vm.user_id, exc)
+            self.notifier.vm_changed(
+                {}, 'start_failed', self._record(vm),
+                error=str(exc).splitlines()[0] if str(exc) else '',
+                error_class=type(exc).__name__)
             self._cleanup_failed_start(vm)
             if isinstance(exc, exception.RapidVmmException):
                 raise
@@ -435,6 +447,7 @@ class VmmManager:
                                         reason=str(exc)) from exc
         finally:
             self._disarm_as_wait(vm.user_id)
+        self.notifier.vm_changed({}, 'started', self._record(vm))
         LOG.info('VM %s of user %s is running at %s (%.2f s)', vm.name,
                  vm.user_id, vm.ip_address, time.monotonic() - started)
         return vm
@@ -453,6 +466,7 @@ class VmmManager:
             vm.status = Status.RESUMED
             self.store.save_vm(vm)
             self.reporter.notify_vm(vm)
+            self.notifier.vm_changed({}, 'resumed', self._record(vm))
             try:
                 vm.ip_address = self.driver.wait_for_ip(vm)
             except exception.DriverError as exc:
@@ -486,6 +500,7 @@ class VmmManager:
         vm.status = Status.SUSPENDED
         self.store.save_vm(vm)
         self.reporter.notify_vm(vm)
+        self.notifier.vm_changed({}, 'suspended', self._record(vm))
         LOG.info('Suspended VM %s of user %s', vm.name, user_id)
         return vm
 
@@ -501,6 +516,8 @@ class VmmManager:
         if notify and vm.status != Status.STOPPED:
             vm.status = Status.STOPPED
             self.reporter.notify_vm(vm)
+            self.notifier.vm_changed({}, 'stopped',
+                                     dict(self._record(vm), task_state=''))
         with self._as_lock:
             self._as_results.pop(vm.user_id, None)
         LOG.info('Removed VM %s of user %s', vm.name, vm.user_id)
@@ -574,6 +591,8 @@ class VmmManager:
         try:
             vms = self.store.list_vms()
             self.reporter.report(vms)
+            self.notifier.host_report({},
+                                      self.reporter.latest_resources() or {})
             self.driver.sample_cpu([vm for vm in vms
                                     if self._measurable(vm)])
         except Exception:

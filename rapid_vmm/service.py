@@ -18,6 +18,7 @@ from oslo_service import service
 
 from rapid_vmm import manager as vmm_manager
 from rapid_vmm import monitor
+from rapid_vmm import notifications
 from rapid_vmm import peers
 from rapid_vmm import rpc
 from rapid_vmm import state
@@ -38,6 +39,7 @@ class VmmService(service.Service):
         self.manager: vmm_manager.VmmManager | None = None
         self.rpc_server = None
         self.transport = None
+        self.notifier = notifications.NULL
         self._stopped = threading.Event()
 
     def build_manager(self, transport) -> vmm_manager.VmmManager:
@@ -60,6 +62,12 @@ class VmmService(service.Service):
         conf = self.conf
         self.transport = rpc.get_transport(conf)
         self.manager = self.build_manager(self.transport)
+        # ops (issue 10.5): versioned notifications of VM state changes
+        # and host reports; the lifecycle calls notifier.vm_changed().
+        manager = self.manager
+        self.notifier = notifications.VmNotifier(
+            conf, vmm_id=lambda: manager.reporter.vmm_id)
+        self.manager.notifier = self.notifier
         self.manager.init_host()
         target = messaging.Target(topic=conf.vmm_topic, server=conf.host)
         self.rpc_server = rpc.get_server(conf, self.transport, target,
@@ -96,6 +104,7 @@ class VmmService(service.Service):
             super().stop(graceful)
         except Exception:
             LOG.exception('Stopping the timers failed')
+        self.notifier.stop()  # ops (issue 10.5)
         if self.manager is not None:
             self.manager.cleanup_host()
         if self.transport is not None:

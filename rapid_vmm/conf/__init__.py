@@ -9,6 +9,7 @@ from oslo_config import cfg
 from rapid_vmm.conf import default
 from rapid_vmm.conf import gpu
 from rapid_vmm.conf import libvirt
+from rapid_vmm.conf import notifications
 from rapid_vmm.conf import nova
 
 CONF = cfg.CONF
@@ -20,6 +21,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     libvirt.register_opts(conf)
     nova.register_opts(conf)
     gpu.register_opts(conf)
+    notifications.register_opts(conf)
 
 
 register_opts(CONF)

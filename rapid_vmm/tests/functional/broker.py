@@ -372,3 +372,36 @@ class PrivateBroker(fixtures.Fixture):
                               encoding='utf-8', errors='replace') as log:
                         text += log.readlines()[-lines:]
         return ''.join(text[-lines:])
+
+
+def delete_queues(transport_url: str, names: list[str]) -> None:
+    """Delete the queues ``names`` (a test's own, named after its unique
+    topics) on the broker of ``transport_url``; absent ones are skipped.
+
+    Notification queues are not auto-deleted: a test that publishes or
+    listens to notifications removes its queues so they do not pile up on
+    the shared node.
+    """
+    import amqp
+    from urllib import parse
+
+    url = parse.urlsplit(transport_url)
+    connection = amqp.Connection(
+        host=f'{url.hostname}:{url.port or 5672}',
+        userid=parse.unquote(url.username or 'guest'),
+        password=parse.unquote(url.password or 'guest'),
+        virtual_host=parse.unquote(url.path.lstrip('/')) or '/',
+        connect_timeout=5)
+    try:
+        connection.connect()
+        for name in names:
+            channel = connection.channel()
+            try:
+                channel.queue_delete(name)
+            except amqp.exceptions.NotFound:
+                pass
+            finally:
+                if channel.is_open:
+                    channel.close()
+    finally:
+        connection.collect()
