@@ -32,8 +32,11 @@ class VmmAPI:
 
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport,
                  host: str | None = None, timeout: float | None = None,
-                 version_cap: str = VERSION):
+                 version_cap: str = VERSION, retry: int | None = None):
         self.host = host or conf.host
+        #: Broker reconnections a cast or call may make (None: forever,
+        #: oslo.messaging's default; a call's timeout does not bound them).
+        self.retry = retry
         target = messaging.Target(topic=conf.vmm_topic, server=self.host,
                                   version=self.VERSION)
         #: Lifecycle calls wait for the IP and the AS: allow for both.
@@ -45,15 +48,17 @@ class VmmAPI:
 
     def _lifecycle(self, ctxt: dict, method: str, wait: bool,
                    **kwargs: Any) -> Any:
-        cctxt = self.client.prepare(timeout=self.lifecycle_timeout)
+        cctxt = self.client.prepare(timeout=self.lifecycle_timeout,
+                                    retry=self.retry)
         if wait:
             return cctxt.call(ctxt, method, **kwargs)
         cctxt.cast(ctxt, method, **kwargs)
         return None
 
     def _query(self, ctxt: dict, method: str, **kwargs: Any) -> Any:
-        return self.client.prepare(timeout=self.query_timeout).call(
-            ctxt, method, **kwargs)
+        return self.client.prepare(timeout=self.query_timeout,
+                                   retry=self.retry).call(ctxt, method,
+                                                          **kwargs)
 
     def start_vm(self, ctxt: dict, user_id: int, os_type: int, vcpus: int,
                  memory_mb: int, gpu_cores: int = 0, disk_gb: int = 0,
@@ -102,11 +107,12 @@ class VmmAPI:
                                ready=ready)
 
     def as_notify(self, ctxt: dict, user_id: int, action: str) -> None:
-        self.client.prepare().cast(ctxt, 'as_notify', user_id=user_id,
-                                   action=action)
+        self.client.prepare(retry=self.retry).cast(
+            ctxt, 'as_notify', user_id=user_id, action=action)
 
     def deregister_vm(self, ctxt: dict, user_id: int) -> None:
-        self.client.prepare().cast(ctxt, 'deregister_vm', user_id=user_id)
+        self.client.prepare(retry=self.retry).cast(
+            ctxt, 'deregister_vm', user_id=user_id)
 
     def get_host_status(self, ctxt: dict) -> dict:
         return self._query(ctxt, 'get_host_status')

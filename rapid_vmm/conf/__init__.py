@@ -6,6 +6,7 @@ read ``CONF.group.option`` at call time, never at import time.
 
 from oslo_config import cfg
 
+from rapid_vmm.conf import client
 from rapid_vmm.conf import default
 from rapid_vmm.conf import gpu
 from rapid_vmm.conf import libvirt
@@ -22,6 +23,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     nova.register_opts(conf)
     gpu.register_opts(conf)
     notifications.register_opts(conf)
+    client.register_opts(conf)
 
 
 register_opts(CONF)

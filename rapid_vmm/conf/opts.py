@@ -2,13 +2,14 @@
 
 from oslo_config import cfg
 
+from rapid_vmm.conf import client
 from rapid_vmm.conf import default
 from rapid_vmm.conf import gpu
 from rapid_vmm.conf import libvirt
 from rapid_vmm.conf import notifications
 from rapid_vmm.conf import nova
 
-_MODULES = (default, libvirt, nova, gpu, notifications)
+_MODULES = (default, libvirt, nova, gpu, notifications, client)
 
 
 def list_opts() -> list:

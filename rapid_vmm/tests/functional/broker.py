@@ -382,8 +382,9 @@ def delete_queues(transport_url: str, names: list[str]) -> None:
     listens to notifications removes its queues so they do not pile up on
     the shared node.
     """
-    import amqp
     from urllib import parse
+
+    import amqp
 
     url = parse.urlsplit(transport_url)
     connection = amqp.Connection(
