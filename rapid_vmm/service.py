@@ -16,6 +16,7 @@ from oslo_log import log as logging
 import oslo_messaging as messaging
 from oslo_service import service
 
+from rapid_vmm import diagnostics
 from rapid_vmm import manager as vmm_manager
 from rapid_vmm import monitor
 from rapid_vmm import notifications
@@ -74,6 +75,11 @@ class VmmService(service.Service):
                                          [self.manager],
                                          conf.max_concurrent_requests)
         self.rpc_server.start()
+        # ops (issue 10.3): the agent's section of the Guru Meditation
+        # report; the lead's manager.diagnostics() replaces the stand-in.
+        diagnostics.set_source(
+            getattr(manager, 'diagnostics', None) or
+            (lambda: diagnostics.manager_diagnostics(manager)))
         LOG.info('rapid-vmm serving topic %s as server %s with the %s '
                  'driver', conf.vmm_topic, conf.host,
                  self.manager.driver.name)
@@ -92,6 +98,7 @@ class VmmService(service.Service):
         if self._stopped.is_set():
             return
         LOG.info('rapid-vmm stopping')
+        diagnostics.set_source(None)  # ops (issue 10.3)
         if self.manager is not None:
             self.manager.stop()
         if self.rpc_server is not None:
