@@ -18,6 +18,7 @@ from oslo_service import service
 
 from rapid_vmm import diagnostics
 from rapid_vmm import manager as vmm_manager
+from rapid_vmm import metrics
 from rapid_vmm import monitor
 from rapid_vmm import notifications
 from rapid_vmm import peers
@@ -41,6 +42,7 @@ class VmmService(service.Service):
         self.rpc_server = None
         self.transport = None
         self.notifier = notifications.NULL
+        self.metrics: metrics.MetricsServer | None = None
         self._stopped = threading.Event()
 
     def build_manager(self, transport) -> vmm_manager.VmmManager:
@@ -80,6 +82,12 @@ class VmmService(service.Service):
         diagnostics.set_source(
             getattr(manager, 'diagnostics', None) or
             (lambda: diagnostics.manager_diagnostics(manager)))
+        # ops (issue 10.4): Prometheus metrics, off unless [metrics] enabled.
+        self.metrics = metrics.start(
+            conf, host_status=lambda: manager.get_host_status({}),
+            vm_usage=lambda resource: manager.get_vm_usage(
+                {}, resource=resource),
+            grid=[vm_type.as_list() for vm_type in manager.grid.types])
         LOG.info('rapid-vmm serving topic %s as server %s with the %s '
                  'driver', conf.vmm_topic, conf.host,
                  self.manager.driver.name)
@@ -99,6 +107,8 @@ class VmmService(service.Service):
             return
         LOG.info('rapid-vmm stopping')
         diagnostics.set_source(None)  # ops (issue 10.3)
+        if self.metrics is not None:  # ops (issue 10.4)
+            self.metrics.stop()
         if self.manager is not None:
             self.manager.stop()
         if self.rpc_server is not None:

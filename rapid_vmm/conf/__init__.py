@@ -10,6 +10,7 @@ from rapid_vmm.conf import client
 from rapid_vmm.conf import default
 from rapid_vmm.conf import gpu
 from rapid_vmm.conf import libvirt
+from rapid_vmm.conf import metrics
 from rapid_vmm.conf import notifications
 from rapid_vmm.conf import nova
 
@@ -23,6 +24,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     nova.register_opts(conf)
     gpu.register_opts(conf)
     notifications.register_opts(conf)
+    metrics.register_opts(conf)
     client.register_opts(conf)
 
 

@@ -6,10 +6,11 @@ from rapid_vmm.conf import client
 from rapid_vmm.conf import default
 from rapid_vmm.conf import gpu
 from rapid_vmm.conf import libvirt
+from rapid_vmm.conf import metrics
 from rapid_vmm.conf import notifications
 from rapid_vmm.conf import nova
 
-_MODULES = (default, libvirt, nova, gpu, notifications, client)
+_MODULES = (default, libvirt, nova, gpu, notifications, metrics, client)
 
 
 def list_opts() -> list:
