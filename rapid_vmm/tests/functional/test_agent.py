@@ -332,20 +332,6 @@ class TestOperatorCli(AgentTestCase):
                       absent.stderr)
         self.assertEqual(1, len(absent.stderr.splitlines()), absent.stderr)
 
-    def test_helpers_are_listed(self):
-        import json
-        self.wait_until(lambda: any(
-            vm['user_id'] == -1 and not vm['task_state']
-            for vm in self.api.get_vm_info({})), what='helper VM 1')
-        helpers = json.loads(self.cli('--json', 'list', '--user',
-                                      '-1').stdout)
-        self.assertEqual([-1], [vm['user_id'] for vm in helpers])
-        self.assertIn('rapid-helper-1-', self.cli('list', '--user',
-                                                  '-1').stdout)
-        usage = json.loads(self.cli('--json', 'usage', 'disk', '--user',
-                                    '-1').stdout)
-        self.assertEqual([-1], [row['user_id'] for row in usage])
-
     def test_watch_shows_the_reports_the_ds_gets(self):
         import json
         ds = self.agent.ds.recorder
@@ -373,7 +359,21 @@ class TestOperatorCli(AgentTestCase):
             timeout=60, check=True).stdout
         self.assertNotIn(f'rapid-vmm-watch.{self.agent.conf.host}.', queues)
 
-    def test_configuration_files(self):
+    def test_helpers_and_configuration_files(self):
+        import json
+        # Helpers are listed with --user -1.
+        self.wait_until(lambda: any(
+            vm['user_id'] == -1 and not vm['task_state']
+            for vm in self.api.get_vm_info({})), what='helper VM 1')
+        helpers = json.loads(self.cli('--json', 'list', '--user',
+                                      '-1').stdout)
+        self.assertEqual([-1], [vm['user_id'] for vm in helpers])
+        self.assertIn('rapid-helper-1-', self.cli('list', '--user',
+                                                  '-1').stdout)
+        usage = json.loads(self.cli('--json', 'usage', 'disk', '--user',
+                                    '-1').stdout)
+        self.assertEqual([-1], [row['user_id'] for row in usage])
+
         # A file with the [client] section alone.
         path = os.path.join(self.agent.tempdir, 'client.conf')
         with open(path, 'w', encoding='utf-8') as conf:

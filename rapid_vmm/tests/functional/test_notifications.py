@@ -37,7 +37,7 @@ class TestNotifications(testtools.TestCase):
         self.addCleanup(listener.wait)
         self.addCleanup(listener.stop)
 
-    def test_every_state_change_of_a_vm_is_notified(self):
+    def test_every_state_change_and_every_report_is_notified(self):
         agent = self.agent
         agent.start()
         api = agent.api
@@ -73,8 +73,7 @@ class TestNotifications(testtools.TestCase):
         # The DS registered the agent: its id is in the payloads.
         self.assertIsNotNone(payloads[-1][2]['vmm_id'])
 
-    def test_host_reports_are_samples(self):
-        self.agent.start()
+        # And each report sent to the DS, as a sample.
         [report] = self.recorder.wait_for(
             1, timeout=30,
             match=lambda item: item['event_type'] == 'rapid_vmm.host.report')
