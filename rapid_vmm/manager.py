@@ -28,6 +28,7 @@ from rapid_vmm import flavors
 from rapid_vmm import handshake
 from rapid_vmm import lifecycle as vm_lifecycle
 from rapid_vmm import locks
+from rapid_vmm import notifications
 from rapid_vmm import objects
 from rapid_vmm import outbox as vm_outbox
 from rapid_vmm import peers
@@ -104,7 +105,11 @@ class VmmManager:
             self.handshake, lambda: self.reporter.identity,
             self.outbox.wake, self._stopping)
         self.lifecycle.before_resize = self._notify_as_of_resize
+        self.lifecycle.listeners.append(self.vm_event)
         self.reconciler = vm_reconciler.Reconciler(self)
+        #: A :class:`notifications.VmNotifier` (set by the service): told
+        #: of every VM state change and host report, best effort.
+        self.notifier = notifications.NULL
 
     # ------------------------------------------------------------------
     # start and stop
@@ -382,7 +387,8 @@ class VmmManager:
         """Sample the host and report to the DS; never raises."""
         try:
             vms = self.store.list_vms()
-            self.reporter.report(vms)
+            resources = self.reporter.report(vms)
+            self.notifier.host_report({}, resources)
             self.driver.sample_cpu([vm for vm in vms if _measurable(vm)])
         except Exception:
             LOG.exception('Resource report failed')
@@ -443,6 +449,15 @@ class VmmManager:
     # ------------------------------------------------------------------
     # callbacks of the parts
     # ------------------------------------------------------------------
+
+    def vm_event(self, event: str, vm: objects.Vm,
+                 ctxt: dict | None = None) -> None:
+        """A VM changed (lifecycle or reconciliation): notify, best
+        effort (:mod:`rapid_vmm.notifications`)."""
+        extra = {}
+        if event == 'resized' and vm.pending_resize:
+            extra['previous'] = vm.pending_resize.get('from')
+        self.notifier.vm_changed(ctxt or {}, event, record_of(vm), **extra)
 
     def _notify_as_of_resize(self, vm: objects.Vm) -> None:
         """Tell the VM's AS it is about to be resized (SPEC F6, 7), over

@@ -169,6 +169,8 @@ class Reconciler:
         self.store.update_vm(vm.user_id, task_state=Task.UNKNOWN.value,
                              state_reason=reason)
         summary['unknown'].append(vm.user_id)
+        self.manager.vm_event('unknown', vm.copy(task_state='unknown',
+                                                 state_reason=reason))
 
     def _ours(self, vm: objects.Vm, instance: virt_driver.Instance,
               summary: dict) -> None:
@@ -209,6 +211,8 @@ class Reconciler:
                     outbox.queue_notify_vm(txn, vm)
             if notify:
                 self.manager.wake_outbox()
+                self.manager.vm_event(_EVENTS[new_status],
+                                      self.store.get_vm(vm.user_id) or vm)
         self._repair_metadata(vm, instance)
 
     def _repair_metadata(self, vm: objects.Vm,
@@ -260,6 +264,7 @@ class Reconciler:
             outbox.queue_notify_vm(txn, vm)
         self.manager.wake_outbox()
         summary['stopped'].append(vm.user_id)
+        self.manager.vm_event('stopped', vm)
 
     def _not_ours(self, vm: objects.Vm,
                   observation: virt_driver.Observation,
@@ -358,6 +363,12 @@ class Reconciler:
         LOG.warning('Adopted instance %s of user %s (%s, DS id %s), unknown '
                     'to the state', vm.name, vm.user_id,
                     instance.power_state.value, vm.vm_id)
+        self.manager.vm_event('adopted', vm)
+
+
+#: Notification event of each status a reconciliation sets.
+_EVENTS = {Status.SUSPENDED: 'suspended', Status.RESUMED: 'resumed',
+           Status.STOPPED: 'stopped', Status.STARTED: 'started'}
 
 
 def _status_after(vm: objects.Vm,

@@ -28,9 +28,12 @@ import oslo_messaging as messaging
 from oslo_service import service
 from oslo_service import systemd
 
+from rapid_vmm import diagnostics
 from rapid_vmm import endpoint as vmm_endpoint
 from rapid_vmm import manager as vmm_manager
+from rapid_vmm import metrics
 from rapid_vmm import monitor
+from rapid_vmm import notifications
 from rapid_vmm import peers
 from rapid_vmm import rpc
 from rapid_vmm import state
@@ -53,6 +56,8 @@ class VmmService(service.Service):
         self.rpc_server = None
         self.transport = None
         self.legacy_server = None
+        self.notifier = notifications.NULL
+        self.metrics: metrics.MetricsServer | None = None
         self._stopped = threading.Event()
 
     def build_manager(self, transport) -> vmm_manager.VmmManager:
@@ -76,6 +81,11 @@ class VmmService(service.Service):
         conf = self.conf
         self.transport = rpc.get_transport(conf)
         self.manager = self.build_manager(self.transport)
+        # Versioned notifications of VM state changes and host reports.
+        manager = self.manager
+        self.notifier = notifications.VmNotifier(
+            conf, vmm_id=lambda: manager.reporter.vmm_id)
+        self.manager.notifier = self.notifier
         self.manager.init_host()
         self.endpoint = vmm_endpoint.VmmEndpoint(self.manager)
         target = messaging.Target(topic=conf.vmm_topic, server=conf.host)
@@ -92,6 +102,14 @@ class VmmService(service.Service):
                 conf, vmm_endpoint.VmmEndpoint(self.manager,
                                                protocol='legacy'))
             self.legacy_server.start()
+        # The agent's section of the Guru Meditation report (SIGUSR2).
+        diagnostics.set_source(manager.diagnostics)
+        # Prometheus metrics, off unless [metrics] enabled.
+        self.metrics = metrics.start(
+            conf, host_status=lambda: manager.get_host_status({}),
+            vm_usage=lambda resource: manager.get_vm_usage(
+                {}, resource=resource),
+            grid=[vm_type.as_list() for vm_type in manager.grid.types])
         LOG.info('rapid-vmm serving topic %s as server %s with the %s '
                  'driver', conf.vmm_topic, conf.host,
                  self.manager.driver.name)
@@ -110,6 +128,9 @@ class VmmService(service.Service):
         if self._stopped.is_set():
             return
         LOG.info('rapid-vmm stopping')
+        diagnostics.set_source(None)
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.manager is not None:
             self.manager.stop()
         if self.legacy_server is not None:
@@ -124,6 +145,7 @@ class VmmService(service.Service):
             super().stop(graceful)
         except Exception:
             LOG.exception('Stopping the timers failed')
+        self.notifier.stop()
         if self.manager is not None:
             try:
                 self.manager.cleanup_host()

@@ -11,7 +11,11 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${RAPID_VMM_VENV:-$REPO/.venv}
 PYTHON=${RAPID_VMM_PYTHON:-python3}
-APT_PACKAGES=(libvirt-dev pkg-config qemu-utils gcc python3-dev shellcheck)
+# systemd and logrotate: the packaging tests check etc/ with their tools
+# (offline; no running systemd needed); rabbitmq-server: the shared broker
+# and the private broker nodes of the functional tests.
+APT_PACKAGES=(libvirt-dev pkg-config qemu-utils gcc python3-dev shellcheck
+    systemd logrotate rabbitmq-server)
 
 log() { printf '[setup-env] %s\n' "$*"; }
 

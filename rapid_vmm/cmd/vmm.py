@@ -11,6 +11,7 @@ from oslo_log import log as logging  # noqa: E402
 from oslo_service import opts as service_opts  # noqa: E402
 
 from rapid_vmm import config_check  # noqa: E402
+from rapid_vmm import diagnostics  # noqa: E402
 from rapid_vmm import exception  # noqa: E402
 from rapid_vmm import service as vmm_service  # noqa: E402
 from rapid_vmm import version  # noqa: E402
@@ -28,6 +29,7 @@ EXIT_START = 1
 def parse_config(argv: list[str], conf: cfg.ConfigOpts = CONF) -> None:
     """Parse the command line and config files into ``conf``."""
     logging.register_options(conf)
+    diagnostics.register_opts(conf)
     conf_opts.set_lib_defaults()
     # The agent must stop within 10 s of SIGTERM (oslo.service says 60).
     service_opts.set_service_opts_defaults(conf,
@@ -52,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parse_config(argv)
         config_check.validate(CONF)
+        diagnostics.validate(CONF)
     except (cfg.Error, exception.ConfigError) as exc:
         print(f'rapid-vmm: configuration error: {exc}', file=sys.stderr)
         return EXIT_CONFIG
     logging.setup(CONF, 'rapid_vmm')
+    # Guru Meditation report on SIGUSR2 (a handler of the main thread).
+    diagnostics.setup(CONF)
     LOG.info('rapid-vmm %s starting (host %s, driver %s)',
              version.version_string(), CONF.host, CONF.compute_driver)
     launcher = vmm_service.Launcher(CONF, vmm_service.VmmService(CONF))

@@ -6,10 +6,13 @@ read ``CONF.group.option`` at call time, never at import time.
 
 from oslo_config import cfg
 
+from rapid_vmm.conf import client
 from rapid_vmm.conf import default
 from rapid_vmm.conf import gpu
 from rapid_vmm.conf import legacy
 from rapid_vmm.conf import libvirt
+from rapid_vmm.conf import metrics
+from rapid_vmm.conf import notifications
 from rapid_vmm.conf import nova
 
 CONF = cfg.CONF
@@ -22,6 +25,9 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     nova.register_opts(conf)
     gpu.register_opts(conf)
     legacy.register_opts(conf)
+    notifications.register_opts(conf)
+    metrics.register_opts(conf)
+    client.register_opts(conf)
 
 
 register_opts(CONF)

@@ -2,13 +2,17 @@
 
 from oslo_config import cfg
 
+from rapid_vmm.conf import client
 from rapid_vmm.conf import default
 from rapid_vmm.conf import gpu
 from rapid_vmm.conf import legacy
 from rapid_vmm.conf import libvirt
+from rapid_vmm.conf import metrics
+from rapid_vmm.conf import notifications
 from rapid_vmm.conf import nova
 
-_MODULES = (default, libvirt, nova, gpu, legacy)
+_MODULES = (default, libvirt, nova, gpu, legacy, notifications, metrics,
+            client)
 
 
 def list_opts() -> list:

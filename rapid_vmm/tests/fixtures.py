@@ -4,6 +4,7 @@
   oslo.messaging option, a temp ``data_path``, a real qcow2 template, unique
   RPC topics and a unique ``host`` (so tests sharing libvirt's in-process
   ``test:///default`` never see each other's domains).
+* :class:`NotificationRecorder` - an endpoint of a notification listener.
 * :class:`ServiceFixture` - the real :class:`rapid_vmm.service.VmmService`
   in this process, with simulated DS and SLAM on the same transport.
 """
@@ -11,10 +12,12 @@
 import os
 import subprocess
 import threading
+import time
 import uuid
 
 import fixtures
 from oslo_config import cfg
+import oslo_messaging as messaging
 from oslo_messaging import conffixture
 
 from rapid_vmm import conf as rapid_conf
@@ -199,3 +202,49 @@ def _destroy_all(manager) -> None:
     except Exception:
         pass
 
+
+class NotificationRecorder:
+    """A notification endpoint that keeps what it gets (every priority
+    the agent uses), for a ``get_notification_listener``."""
+
+    def __init__(self):
+        self.items = []
+        self.changed = threading.Condition()
+
+    def _keep(self, priority, ctxt, publisher_id, event_type, payload,
+              metadata):
+        with self.changed:
+            self.items.append({'priority': priority, 'ctxt': ctxt,
+                               'publisher_id': publisher_id,
+                               'event_type': event_type, 'payload': payload})
+            self.changed.notify_all()
+        return messaging.NotificationResult.HANDLED
+
+    def info(self, *args):
+        return self._keep('info', *args)
+
+    def error(self, *args):
+        return self._keep('error', *args)
+
+    def warn(self, *args):
+        return self._keep('warn', *args)
+
+    def sample(self, *args):
+        return self._keep('sample', *args)
+
+    def wait_for(self, count, timeout=10, match=None):
+        """The first ``count`` notifications ``match`` accepts (all by
+        default), once they came."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while len(self.select(match)) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f'{len(self.select(match))} of {count} '
+                        f'notifications: {self.items}')
+                self.changed.wait(left)
+        return self.select(match)[:count]
+
+    def select(self, match=None):
+        return [item for item in self.items if match is None or match(item)]

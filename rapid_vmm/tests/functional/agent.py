@@ -215,9 +215,13 @@ class AgentProcess(AgentControl, fixtures.Fixture):
     Process control: :class:`AgentControl`.
     """
 
-    def __init__(self, peers: bool = True, **overrides):
+    def __init__(self, peers: bool = True, transport_url: str | None = None,
+                 **overrides):
         super().__init__()
         self.with_peers = peers
+        #: The broker of the agent and of the test side (a private node's
+        #: URL, say); default: the shared RabbitMQ.
+        self.transport_url = transport_url or rfix.RABBIT_TRANSPORT
         self.overrides = overrides
         self.process = None
 
@@ -228,7 +232,7 @@ class AgentProcess(AgentControl, fixtures.Fixture):
         template = rfix.make_template(self.tempdir)
         self.values = rfix.agent_config(
             os.path.join(self.tempdir, 'data'), template,
-            rfix.RABBIT_TRANSPORT, **self.overrides)
+            self.transport_url, **self.overrides)
         self.log_file = os.path.join(self.tempdir, 'agent.log')
         self.values[('DEFAULT', 'log_file')] = self.log_file
         self.values[('DEFAULT', 'debug')] = True
@@ -240,7 +244,7 @@ class AgentProcess(AgentControl, fixtures.Fixture):
         self.conf(['--config-file', self.config_file],
                   project='rapid-vmm-test', default_config_files=[],
                   default_config_dirs=[])
-        self.conf.set_override('transport_url', rfix.RABBIT_TRANSPORT)
+        self.conf.set_override('transport_url', self.transport_url)
         self.transport = rpc.get_transport(self.conf)
         self.addCleanup(self.transport.cleanup)
         self.api = rpcapi.VmmAPI(self.conf, self.transport, timeout=60)

@@ -19,48 +19,45 @@ def vm_record(**changes):
 # -- render_table -----------------------------------------------------------
 
 
-def test_render_table_alignment():
+def test_render_table_is_a_prettytable():
     rows = [{'user_id': 1, 'name': 'a', 'load': 12.345},
             {'user_id': 12345, 'name': 'a-much-longer-name', 'load': None}]
     lines = client.render_table(rows, COLUMNS).splitlines()
     assert lines == [
-        'USER   NAME                LOAD',
-        '-----  ------------------  ----',
-        '1      a                   12.3',
-        '12345  a-much-longer-name  -',
+        '+-------+--------------------+------+',
+        '| USER  | NAME               | LOAD |',
+        '+-------+--------------------+------+',
+        '| 1     | a                  | 12.3 |',
+        '| 12345 | a-much-longer-name | -    |',
+        '+-------+--------------------+------+',
     ]
-    # Every column starts at the same offset on every line.
-    starts = [lines[0].index('NAME'), lines[0].index('LOAD')]
-    for line in lines[2:]:
-        assert line[starts[0] - 2:starts[0]] == '  '
-        assert line[starts[0]] != ' '
-        assert line[starts[1]] != ' '
 
 
 def test_render_table_header_wider_than_values():
     lines = client.render_table([{'user_id': 1, 'name': 'x', 'load': 1}],
                                 COLUMNS).splitlines()
-    assert lines[1] == '----  ----  ----'
-    assert lines[2] == '1     x     1'
+    assert lines[1] == '| USER | NAME | LOAD |'
+    assert lines[3] == '| 1    | x    | 1    |'
 
 
 def test_render_table_no_rows():
     assert client.render_table([], COLUMNS).splitlines() == [
-        'USER  NAME  LOAD', '----  ----  ----', '(none)']
+        '+------+------+------+', '| USER | NAME | LOAD |',
+        '+------+------+------+', '+------+------+------+', '(none)']
 
 
 def test_render_table_cells():
     rows = [{'user_id': [1, 2], 'name': (), 'load': 0.0},
             {'user_id': True, 'name': [None, 1.25], 'load': 0}]
     lines = client.render_table(rows, COLUMNS).splitlines()
-    assert lines[2].split() == ['1,2', '-', '0.0']
-    assert lines[3].split() == ['True', '-,1.2', '0']
+    assert lines[3].split('|')[1:4] == [' 1,2  ', ' -     ', ' 0.0  ']
+    assert [c.strip() for c in lines[4].split('|')[1:4]] == ['True',
+                                                             '-,1.2', '0']
 
 
-def test_render_table_missing_keys_and_no_trailing_spaces():
+def test_render_table_missing_keys():
     text = client.render_table([{'user_id': 3}], COLUMNS)
-    assert text.splitlines()[2] == '3     -     -'
-    assert all(line == line.rstrip() for line in text.splitlines())
+    assert text.splitlines()[3] == '| 3    | -    | -    |'
 
 
 # -- _vm_rows -----------------------------------------------------------
@@ -100,12 +97,12 @@ def test_vm_table():
         user_id=-1, name='rapid-helper-1-x', helper=1, status=2,
         ip_address=None)]), client.VM_COLUMNS)
     lines = text.splitlines()
-    assert lines[0].split() == ['USER', 'VM', 'ID', 'NAME', 'STATUS',
-                                'SIZE', 'GPU', 'CORES', 'OS', 'HELPER',
-                                'IP', 'AS', 'READY']
-    assert 'started' in lines[2] and '192.168.122.7' in lines[2]
-    assert 'suspended' in lines[3] and 'rapid-helper-1-x' in lines[3]
-    assert len(lines) == 4
+    assert [c.strip() for c in lines[1].split('|')[1:-1]] == [
+        'USER', 'VM ID', 'NAME', 'STATUS', 'SIZE', 'GPU CORES', 'OS',
+        'HELPER', 'IP', 'AS READY']
+    assert 'started' in lines[3] and '192.168.122.7' in lines[3]
+    assert 'suspended' in lines[4] and 'rapid-helper-1-x' in lines[4]
+    assert len(lines) == 6
 
 
 # -- render_host_status ---------------------------------------------------
@@ -159,16 +156,17 @@ def test_host_status_with_gpus():
     text = client.render_host_status(status(gpus=gpus))
     lines = text.splitlines()
     assert 'GPUs' in lines
-    header = lines[lines.index('GPUs') + 1]
-    assert header.split() == ['IDX', 'NAME', 'UUID', 'UTIL', '%', 'MEMORY',
-                              'MB', 'TEMP', 'C', 'POWER', 'W', 'MIG']
-    first = lines[lines.index('GPUs') + 3]
-    second = lines[lines.index('GPUs') + 4]
+    header = lines[lines.index('GPUs') + 2]
+    assert [c.strip() for c in header.split('|')[1:-1]] == [
+        'IDX', 'NAME', 'UUID', 'UTIL %', 'MEMORY MB', 'TEMP C', 'POWER W',
+        'MIG']
+    first = lines[lines.index('GPUs') + 4]
+    second = lines[lines.index('GPUs') + 5]
     assert 'NVIDIA H100' in first and 'GPU-aaaa' in first
     assert '1024 / 81559' in first and '70.2' in first
-    assert first.rstrip().endswith('-')
+    assert first.split('|')[-2].strip() == '-'
     assert 'NVIDIA A100' in second and '- / 40960' in second
-    assert second.endswith('2 instances')
+    assert second.split('|')[-2].strip() == '2 instances'
     assert lines.index('GPUs') < lines.index('VMs')
 
 
@@ -186,3 +184,24 @@ def test_host_status_driver_unreachable():
     data = status()
     data['driver_reachable'] = False
     assert 'hypervisor reachable: no' in client.render_host_status(data)
+
+
+# -- watch ------------------------------------------------------------------
+
+
+def test_render_report():
+    report = {'host': 'node-1', 'vmm_id': 5, 'cpu_load': 12.5,
+              'free_memory_mb': 2048, 'gpu_load': None,
+              'resources': {'vms_running': 2, 'vms_suspended': 1,
+                            'available_types': [[1, 1024, 20]]}}
+    assert client.render_report(report, '10:00:00') == (
+        '10:00:00  node-1 (VMM 5)  cpu 12.5 %  free memory 2048 MB  '
+        'gpu - %  vms 2 running / 1 suspended  fit 1x1024x20')
+    report['vmm_id'] = None
+    assert '(not registered with the DS yet)' in client.render_report(
+        report)
+
+
+def test_clock():
+    assert client._clock('2026-01-02 03:04:05.678901') == '03:04:05'
+    assert len(client._clock(None)) == 8
