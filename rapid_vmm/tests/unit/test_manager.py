@@ -10,6 +10,7 @@ import os
 import threading
 import time
 
+import libvirt
 import testtools
 
 from rapid_vmm import exception
@@ -29,11 +30,16 @@ class ManagerTestCase(testtools.TestCase):
 
     def setUp(self):
         super().setUp()
+        # test:///default lives while a connection of this process is open:
+        # this one keeps the domains across the agent's restarts.
+        self._conn = libvirt.open('test:///default')
+        self.addCleanup(self._conn.close)
         self.f = self.useFixture(rfix.ServiceFixture(**self.overrides))
         self.api = self.f.api
 
     def domain(self, name):
-        return self.f.manager.driver._conn().lookupByName(name)
+        """The domain ``name``, through the test's own connection."""
+        return self._conn.lookupByName(name)
 
     def domain_names(self):
         return {i.name for i in self.f.manager.driver.list_instances()}
@@ -256,8 +262,20 @@ class TestLifecycle(ManagerTestCase):
         self.assertRaises(exception.VmNotFound, self.api.as_confirm, {},
                           user_id=99)
 
+    def test_memory_growth_beyond_the_ceiling_is_refused(self):
+        start(self.api, 54)
+        error = self.assertRaises(exception.VmStateConflict,
+                                  self.api.change_flavor, {}, user_id=54,
+                                  memory_mb=2048)
+        self.assertIn('max_memory_mb', str(error))
+        vm = self.api.get_vm_info({}, user_id=54)[0]
+        self.assertEqual((1024, ''), (vm['memory_mb'], vm['task_state']))
+
     def test_change_flavor_then_confirm(self):
+        # Growth of memory is opt-in, and then accounted at the ceiling.
+        self.f.conf.set_override('max_memory_mb', 4096, group='libvirt')
         vm = start(self.api, 52)
+        self.assertEqual(4096, self.f.manager.store.get_vm(52).memory_max_mb)
         resized = self.api.change_flavor({}, user_id=52, vcpus=4,
                                          memory_mb=2048)
         self.assertEqual((4, 2048, 20), (resized['vcpus'],
