@@ -135,6 +135,19 @@ def test_stripped_metadata_is_unreadable_and_never_deleted(nova, drv, made):
     assert vm.driver_id not in {i.driver_id for i in drv.list_instances()}
 
 
+def test_identity_keys_left_out_are_removed(nova, drv, made):
+    vm = create(drv, made, make_vm(10, vm_id=100),
+                {'vmm_id': 4242, 'slam_host': 'slam', 'slam_port': 9002})
+    # openstacksdk's delete_metadata_item fails with KeyError on a Server
+    # whose local metadata lacks the key; the driver must not trip on it.
+    assert drv.update_metadata(vm.copy(vm_id=101), {'vmm_id': 4243}) is True
+    meta = nova.compute.get_server(vm.driver_id).metadata
+    assert (meta['rapid_vm_id'], meta['rapid_vmm_id']) == ('101', '4243')
+    assert 'rapid_slam_host' not in meta and 'rapid_slam_port' not in meta
+    seen = drv.observe([vm])[vm.name].instance
+    assert seen.identity == {'vmm_id': 4243}
+
+
 def test_a_deleted_server_is_absent_by_its_id(nova, drv, made):
     vm = create(drv, made, make_vm(7))
     assert drv.observe([vm])[vm.name].presence is Presence.OURS

@@ -245,27 +245,6 @@ def test_agent_killed_while_the_guest_runs_comes_back_knowing_it(
     assert agent.api.get_host_status({})['vmm_id'] == 4242
 
 
-def test_libvirtd_restarted_under_the_agent(agent, vm):
-    subprocess.run(['pkill', '-x', 'libvirtd'], check=False)
-    time.sleep(1)
-    subprocess.run(['libvirtd', '-d'], check=True)
-
-    def serving():
-        try:
-            usage = agent.api.get_vm_usage({}, resource='memory',
-                                           user_id=USER)
-        except Exception:
-            return None
-        return usage[0]['source'].startswith('balloon')
-
-    wait_until(serving, 90, 'usage through a new libvirt connection', agent)
-    status = agent.api.get_host_status({})
-    assert status['driver_reachable'] is True
-    record = agent.api.get_vm_info({}, user_id=USER)[0]
-    assert record['status'] in (1, 3)
-    assert 'Connected to libvirt at qemu:///system' in agent.log_tail(400)
-
-
 def test_remove_leaves_no_disk_and_no_domain(agent, vm, conn):
     images = os.path.join(agent.values[('DEFAULT', 'data_path')],
                           'instances')

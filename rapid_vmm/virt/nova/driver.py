@@ -690,7 +690,10 @@ class NovaDriver(driver.ComputeDriver):
         try:
             self.compute.set_server_metadata(server, **meta)
             if stale:
-                self.compute.delete_server_metadata(server, stale)
+                # By id: openstacksdk pops each key from the Server's local
+                # metadata, which set_server_metadata just replaced with
+                # ``meta``, and raises KeyError for a key not in it.
+                self.compute.delete_server_metadata(server.id, stale)
         except sdk_exceptions.ConflictException as exc:
             status = getattr(self._call('read the server',
                                         self.compute.get_server, server.id),

@@ -16,7 +16,7 @@ import pytest
 from rapid_vmm import exception
 from rapid_vmm import objects
 from rapid_vmm.tests import fixtures as rapid_fixtures
-from rapid_vmm.tests.unit.virt.libvirt import private_libvirtd
+from rapid_vmm.tests import private_libvirtd
 from rapid_vmm.virt import driver as virt_driver
 from rapid_vmm.virt.libvirt import driver as libvirt_driver
 from rapid_vmm.virt.libvirt import host as vhost
