@@ -206,7 +206,8 @@ class HostMonitor:
             self._errors.failed('cpu', str(exc), 'Cannot read the CPU '
                                 'times: %s; CPU load reported as None', exc)
             return None, None
-        self._errors.recovered('cpu', 'CPU times readable again')
+        if self._errors.any_failing:
+            self._errors.recovered('cpu', 'CPU times readable again')
         counters = cpu_busy_total(times)
         percent = None
         if base_times is None:
@@ -242,7 +243,8 @@ class HostMonitor:
             self._errors.failed('memory', str(exc), 'Cannot read the '
                                 'memory use: %s; reported as None', exc)
             return None, None
-        self._errors.recovered('memory', 'Memory use readable again')
+        if self._errors.any_failing:
+            self._errors.recovered('memory', 'Memory use readable again')
         return to_mib(memory.total), to_mib(memory.available)
 
     def _load_average(self) -> list[float] | None:
@@ -276,10 +278,11 @@ class HostMonitor:
                         'Cannot measure the filesystem of %s: %s; reported '
                         'as None', ', '.join(filesystem.paths), exc)
                 else:
-                    key = ('disk', filesystem.mount_point)
-                    if self._errors.is_failing(key):
+                    if self._errors.any_failing and self._errors.is_failing(
+                            ('disk', filesystem.mount_point)):
                         self._errors.recovered(
-                            key, 'Filesystem of %s measurable again',
+                            ('disk', filesystem.mount_point),
+                            'Filesystem of %s measurable again',
                             ', '.join(filesystem.paths))
                     total = to_gib(usage.total)
                     free = to_gib(usage.free)

@@ -71,6 +71,12 @@ class ErrorLog:
     def is_failing(self, key: Hashable) -> bool:
         return key in self._active
 
+    @property
+    def any_failing(self) -> bool:
+        """True while some failure is active (a cheap test for hot paths:
+        nothing to recover otherwise)."""
+        return bool(self._active)
+
     def forget(self,
                predicate: Callable[[Hashable], bool] | None = None) -> None:
         """Forget failures (all, or those whose key matches predicate)."""
