@@ -84,7 +84,7 @@ def read_guest_env(path: str) -> dict:
 def take_lock(timeout: float):
     """``/tmp/rapid-system.lock``, exclusively, waiting at most
     ``timeout`` seconds; the open file (closing it releases the lock)."""
-    handle = open(LOCK, 'a')  # noqa: SIM115 - held for the whole run
+    handle = open(LOCK, 'a')  # held for the whole run
 
     def locked():
         try:
@@ -335,8 +335,9 @@ def main(argv) -> int:
         'target_met': ratio <= TARGET,
         **_common.machine(),
     }
-    print(f'boot benchmark: real guests ({guest.get("RAPID_GUEST_DOMAIN_TYPE")}'
-          f', kernel {guest.get("RAPID_GUEST_KERNEL_RELEASE")}) on {URI}, '
+    print(f'boot benchmark: real guests '
+          f'({guest.get("RAPID_GUEST_DOMAIN_TYPE")}, kernel '
+          f'{guest.get("RAPID_GUEST_KERNEL_RELEASE")}) on {URI}, '
           f'{args.rounds} alternating rounds, AS hand-shake: {args.as_mode}')
     print(f'  agent start_vm   median {agent_med:6.2f} s  rounds '
           f'{result["start_vm_rounds_s"]} (warm-up {warm_s:.2f} s)')

@@ -52,17 +52,23 @@ def main(argv) -> int:
     parser = _common.arg_parser(__doc__)
     parser.add_argument('--seconds', type=float, default=60.0)
     parser.add_argument('--vms', type=int, default=100)
+    parser.add_argument('--uri', default=_common.LIBVIRTD_URI,
+                        help='libvirt URI of the agent (default: libvirtd\'s'
+                             ' test driver; test:///default keeps the '
+                             'hypervisor inside the agent process)')
     args = _common.parse_args(parser, argv)
-    libvirtd = _common.ensure_libvirtd()
+    libvirtd = (_common.ensure_libvirtd(args.uri)
+                if args.uri.startswith('test+unix') else 'not used')
 
     with _common.Workspace('idle') as ws:
         agent = _common.AgentProcess(
             ws, 'idle', report_interval=10, reconcile_interval=60,
             helper_vm_count=0, as_register_timeout=0, api_timeout=180,
             max_concurrent_requests=POOL_SIZE,
-            **{'libvirt.connection_uri': _common.LIBVIRTD_URI})
+            **{'libvirt.connection_uri': args.uri})
         agent.start()
-        ws.add(_common.remove_domains_of, agent.host)
+        if args.uri.startswith('test+unix'):
+            ws.add(_common.remove_domains_of, agent.host, args.uri)
         agent.wait_registered()
         echo = _common.EchoProcess(ws, agent, pool_size=POOL_SIZE)
         ds = agent.peers.ds_recorder
@@ -136,7 +142,7 @@ def main(argv) -> int:
         'new_processes_in_window': len(late_children),
         'agent_alive': alive,
         'report_interval_s': 10,
-        'uri': _common.LIBVIRTD_URI,
+        'uri': args.uri,
         'libvirtd': libvirtd,
         'reconcile_interval_s': 60,
         'targets': {'cpu_percent_of_core': f'< {TARGET_CPU:g}',
