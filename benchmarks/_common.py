@@ -1,20 +1,30 @@
 """Helpers shared by the rapid-vmm benchmarks (not a benchmark itself).
 
+Needs only what ``pip install .`` of rapid-vmm installs (its runtime
+requirements), plus the machine's ``qemu-img``, RabbitMQ and, for the
+benchmarks through libvirtd, ``libvirtd``: nothing of the test
+requirements (no ``fixtures``, no ``rapid_vmm.tests``).
+
 * :class:`Workspace` - a temp directory plus cleanups run in reverse order
   (the benchmark prints its figures only after everything is cleaned up,
   so that its JSON line is really the last one);
-* :func:`bench_values` / :func:`make_conf` - the options of a benchmark
-  agent: :func:`rapid_vmm.tests.fixtures.agent_config` (the functional
-  tests' agent) with a unique ``host`` and unique ``bench_*`` topics;
+* :func:`agent_values` / :func:`write_config_file` / :func:`load_conf` -
+  the options of a benchmark agent (a unique ``host`` and unique
+  ``bench_*`` topics), written as a configuration file and read back into
+  the global ``CONF`` (one agent configuration per benchmark process, as
+  in the agent itself);
 * :class:`AgentProcess` - ``rapid-vmm`` as a separate process (master +
-  worker, oslo.service threading backend) on RabbitMQ and libvirt's test
-  hypervisor, with INFO logging to a file (not DEBUG: DEBUG logging of
-  oslo.messaging would weigh on what is measured); its process control is
-  the functional tests' ``AgentControl``
-  (``rapid_vmm/tests/functional/agent.py``);
+  worker, oslo.service threading backend) on RabbitMQ and a libvirt test
+  hypervisor, with INFO logging to a file (DEBUG logging of oslo.messaging
+  would weigh on what is measured);
 * :class:`EchoProcess` - the baseline, a bare oslo.messaging server
   (``_echo_server.py``) in its own process;
-* :class:`Peers` - simulated DS and SLAM (real oslo.messaging servers);
+* :class:`Peers` - simulated DS and SLAM (real oslo.messaging servers,
+  :mod:`rapid_vmm.simulators`);
+* :func:`ensure_libvirtd` - libvirtd's test driver (``test+unix:///default``,
+  every call a real RPC): starts virtlogd and libvirtd when they are not
+  running (as ``tools/system/setup-host.sh`` does; a running libvirtd is
+  never restarted);
 * :func:`delete_queues` - removes the RabbitMQ queues a run declared;
 * options (:func:`arg_parser`, :func:`parse_args`: ``--verbose``),
   timing, statistics and output helpers (:func:`emit` prints the final
@@ -38,22 +48,23 @@ import threading
 import time
 import uuid
 
-import rapid_vmm  # noqa: F401 - first: picks oslo.service's threading backend
+import rapid_vmm  # first: picks oslo.service's threading backend
 
 from oslo_config import cfg
 import oslo_messaging as messaging
-from oslo_messaging import conffixture
 import psutil
+import tenacity
 
 from rapid_vmm import conf as rapid_conf
 from rapid_vmm import rpc
 from rapid_vmm import rpcapi
 from rapid_vmm import simulators
-from rapid_vmm.tests import fixtures as rfix
-from rapid_vmm.tests.functional import agent as agent_fixture
 
 RABBIT_URL = os.environ.get('RAPID_VMM_BENCH_TRANSPORT_URL',
-                            rfix.RABBIT_TRANSPORT)
+                            'rabbit://guest:guest@127.0.0.1:5672/')
+LIBVIRTD_URI = 'test+unix:///default'
+"""libvirtd's test driver: every call is a real RPC to libvirtd, and its
+domains outlive the client process (SPEC 10)."""
 LINUX = 0
 
 LOG = logging.getLogger('benchmarks')
@@ -84,13 +95,36 @@ def setup_logging(verbose: bool = False) -> None:
     if not verbose:
         # A reply arriving after its caller gave up, a heartbeat hiccup on
         # a loaded 2-core machine: not what a benchmark reports.
-        logging.getLogger('oslo_messaging').setLevel(logging.ERROR)
-        logging.getLogger('amqp').setLevel(logging.ERROR)
-        logging.getLogger('oslo.messaging').setLevel(logging.ERROR)
+        for name in ('oslo_messaging', 'oslo.messaging', 'amqp'):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def suffix() -> str:
     return uuid.uuid4().hex[:10]
+
+
+class WaitAborted(RuntimeError):
+    """Raised by the predicate of :func:`wait_until` to stop waiting."""
+
+
+def wait_until(predicate, timeout: float, what: str,
+               interval: float = 0.1):
+    """Poll ``predicate()`` with tenacity until it returns a true value,
+    which is returned; an exception it raises counts as "not yet", except
+    :class:`WaitAborted`, which ends the wait at once.
+
+    :raises RuntimeError: after ``timeout`` seconds, naming ``what``.
+    """
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(timeout),
+        wait=tenacity.wait_fixed(interval),
+        retry=(tenacity.retry_if_result(lambda value: not value) |
+               tenacity.retry_if_exception(
+                   lambda exc: not isinstance(exc, WaitAborted))))
+    try:
+        return retrying(predicate)
+    except tenacity.RetryError as exc:
+        raise RuntimeError(f'{what}: not within {timeout} s') from exc
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +138,8 @@ class Workspace:
         self.name = name
         self.run_id = suffix()
         self.path = tempfile.mkdtemp(prefix=f'rapid-bench-{name}-')
+        # QEMU and libvirtd may run as another user and must reach disks.
+        os.chmod(self.path, 0o755)
         self.keep = keep
         self._cleanups: list = []
         self._stoppers: list = []
@@ -160,8 +196,8 @@ def delete_queues(url: str, names) -> None:
     names = [n for n in names if n]
     if not names:
         return
-    if url.startswith("rabbit:"):
-        url = "amqp:" + url[len("rabbit:"):]
+    if url.startswith('rabbit:'):
+        url = 'amqp:' + url[len('rabbit:'):]
     with kombu.Connection(url, connect_timeout=5) as connection:
         channel = connection.channel()
         for name in names:
@@ -218,33 +254,173 @@ def reply_queue(transport) -> str | None:
 # configuration
 # ---------------------------------------------------------------------------
 
-def bench_values(bench: str, data_path: str, template: str,
+def make_template(directory: str, size: str = '64M') -> str:
+    """A small real qcow2 template disk in ``directory``."""
+    path = os.path.join(directory, 'template.qcow2')
+    if not os.path.exists(path):
+        subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', path,
+                        size], check=True, timeout=60)
+    return path
+
+
+def agent_values(bench: str, data_path: str, template: str,
                  transport_url: str = RABBIT_URL, **overrides) -> dict:
-    """Options of a benchmark agent: the functional tests' agent with a
-    unique ``host`` and unique ``bench_*`` topics (``overrides`` win)."""
+    """Options of a benchmark agent as ``{(group, name): value}``.
+
+    A unique ``host`` and unique ``bench_*`` topics; ``overrides`` win
+    (``name=value`` for ``[DEFAULT]``, ``**{'group.name': value}``
+    otherwise).
+    """
     tag = f'{bench}-{suffix()}'
-    names = {'host': f'bench-{tag}',
-             'vmm_topic': f'bench_vmm_{tag}',
-             'ds_topic': f'bench_ds_{tag}',
-             'slam_topic': f'bench_slam_{tag}'}
-    names.update(overrides)
-    return rfix.agent_config(data_path, template, transport_url, **names)
+    values = {
+        ('DEFAULT', 'transport_url'): transport_url,
+        ('DEFAULT', 'host'): f'bench-{tag}',
+        ('DEFAULT', 'my_ip'): '127.0.0.1',
+        ('DEFAULT', 'vmm_topic'): f'bench_vmm_{tag}',
+        ('DEFAULT', 'ds_topic'): f'bench_ds_{tag}',
+        ('DEFAULT', 'slam_topic'): f'bench_slam_{tag}',
+        ('DEFAULT', 'data_path'): data_path,
+        ('DEFAULT', 'report_interval'): 10,
+        ('DEFAULT', 'reconcile_interval'): 60,
+        ('DEFAULT', 'helper_vm_count'): 0,
+        ('DEFAULT', 'as_register_timeout'): 0,
+        ('DEFAULT', 'peer_call_timeout'): 5,
+        ('DEFAULT', 'registration_retry_max_interval'): 2,
+        # The test hypervisor's host has 16 CPUs and 3 GiB: capacity is
+        # not what is measured.
+        ('DEFAULT', 'ram_allocation_ratio'): 1000.0,
+        ('DEFAULT', 'disk_allocation_ratio'): 1000.0,
+        ('libvirt', 'connection_uri'): 'test:///default',
+        ('libvirt', 'normal_image'): template,
+        ('libvirt', 'ip_timeout'): 5,
+        ('gpu', 'backend'): 'none',
+    }
+    for key, value in overrides.items():
+        group, _, name = key.rpartition('.')
+        values[(group or 'DEFAULT', name)] = value
+    return values
 
 
-def make_conf(values: dict) -> cfg.ConfigOpts:
-    """A private, parsed ConfigOpts with every rapid-vmm and oslo.messaging
-    option, set to ``values``."""
-    conf = cfg.ConfigOpts()
-    rapid_conf.register_opts(conf)
-    conffixture.ConfFixture(conf)  # registers oslo.messaging's options
-    conf([], project='rapid-vmm-bench', default_config_files=[],
-         default_config_dirs=[])
+def write_config_file(path: str, values: dict) -> str:
+    """Write ``values`` as an oslo.config INI file."""
+    groups: dict[str, list[str]] = {}
     for (group, name), value in values.items():
-        if group == 'DEFAULT' and name in ('log_file', 'debug'):
-            continue  # oslo.log options: the agent process's own
-        conf.set_override(name, value,
-                          group=None if group == 'DEFAULT' else group)
+        if isinstance(value, (list, tuple)):
+            value = ','.join(str(v) for v in value)
+        groups.setdefault(group, []).append(f'{name} = {value}')
+    with open(path, 'w', encoding='utf-8') as conf_file:
+        for group in sorted(groups, key=lambda g: g != 'DEFAULT'):
+            conf_file.write(f'[{group}]\n')
+            conf_file.write('\n'.join(groups[group]) + '\n\n')
+    return path
+
+
+def load_conf(config_file: str) -> cfg.ConfigOpts:
+    """The global ``CONF`` (every rapid-vmm option registered), read from
+    ``config_file``; oslo.messaging registers its own options on it when
+    the transport is made, as in the agent. One configuration per
+    benchmark process: a second call replaces the first."""
+    conf = rapid_conf.CONF
+    conf.reset()
+    conf(['--config-file', config_file], project='rapid-vmm-bench',
+         default_config_files=[], default_config_dirs=[])
     return conf
+
+
+# ---------------------------------------------------------------------------
+# libvirtd
+# ---------------------------------------------------------------------------
+
+def _libvirtd_answers(uri: str) -> bool:
+    from rapid_vmm.virt.libvirt import host as vhost
+    try:
+        conn = vhost.libvirt.open(uri)
+    except vhost.libvirt.libvirtError:
+        return False
+    conn.close()
+    return True
+
+
+def ensure_libvirtd(uri: str = LIBVIRTD_URI, timeout: float = 90) -> str:
+    """Make sure libvirtd answers on ``uri``; returns what was done.
+
+    When it does not and no libvirtd runs, starts ``virtlogd -d`` and
+    ``libvirtd -d`` (root only), as ``tools/system/setup-host.sh`` does,
+    and waits (bounded) for it. A running libvirtd is never restarted.
+
+    :raises RuntimeError: when libvirtd cannot be reached or started.
+    """
+    if _libvirtd_answers(uri):
+        return 'libvirtd already running'
+    running = {p.info['name'] for p in psutil.process_iter(['name'])}
+    if 'libvirtd' in running:
+        raise RuntimeError(f'libvirtd runs but does not answer on {uri}')
+    if os.geteuid() != 0 or not shutil.which('libvirtd'):
+        raise RuntimeError(
+            f'libvirtd does not answer on {uri}: start it (as root: '
+            'tools/system/setup-host.sh)')
+    os.makedirs('/var/log/libvirt', exist_ok=True)
+    if 'virtlogd' not in running:
+        subprocess.run(['virtlogd', '-d'], check=True, timeout=30)
+    env = dict(os.environ,
+               LIBVIRT_LOG_OUTPUTS='3:file:/var/log/libvirt/libvirtd.log')
+    subprocess.run(['libvirtd', '-d'], check=True, timeout=30, env=env)
+    wait_until(lambda: _libvirtd_answers(uri), timeout,
+               f'libvirtd started but does not answer on {uri}',
+               interval=0.5)
+    return 'libvirtd started by the benchmark'
+
+
+METADATA_NS = 'http://rapid-vmm.org/xmlns/instance/1.0'
+"""Namespace of rapid-vmm's domain metadata (which names the owner)."""
+
+
+def domains_of(host: str, uri: str = LIBVIRTD_URI) -> dict[str, bool]:
+    """``{name: running}`` of libvirtd's domains whose rapid-vmm metadata
+    names the agent ``host``. A connection of its own each time: libvirtd's
+    keepalive drops an idle client that runs no event loop."""
+    from rapid_vmm.virt.libvirt import host as vhost
+    libvirt = vhost.libvirt
+    found = {}
+    conn = libvirt.open(uri)
+    try:
+        for dom in conn.listAllDomains(0):
+            try:
+                xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                   METADATA_NS)
+                if f'>{host}<' in xml or f'"{host}"' in xml:
+                    found[dom.name()] = bool(dom.isActive())
+            except libvirt.libvirtError:
+                continue  # not rapid-vmm's, or gone meanwhile
+    finally:
+        conn.close()
+    return found
+
+
+def remove_domains(names, uri: str = LIBVIRTD_URI) -> int:
+    """Destroy and undefine the domains ``names`` (this run's own)."""
+    from rapid_vmm.virt.libvirt import host as vhost
+    libvirt = vhost.libvirt
+    removed = 0
+    conn = libvirt.open(uri)
+    try:
+        for name in names:
+            try:
+                dom = conn.lookupByName(name)
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+                removed += 1
+            except libvirt.libvirtError:
+                continue
+    finally:
+        conn.close()
+    return removed
+
+
+def remove_domains_of(host: str, uri: str = LIBVIRTD_URI) -> int:
+    """Remove from libvirtd every domain of this run's agent ``host``."""
+    return remove_domains(domains_of(host, uri), uri)
 
 
 # ---------------------------------------------------------------------------
@@ -269,18 +445,16 @@ class Peers:
         return self.slam.recorder
 
 
-class AgentProcess(agent_fixture.AgentControl):
+class AgentProcess:
     """``rapid-vmm`` run as a process (master + worker) on RabbitMQ.
 
-    The process control (start, wait until serving, SIGTERM, log) is the
-    functional tests' :class:`~rapid_vmm.tests.functional.agent.AgentControl`;
-    this adds the benchmark's configuration (INFO logging, unique host and
-    topics), the bench side's ConfigOpts (``conf``), transport and VMM
-    client (``api``), optionally the simulated peers, the agent's stderr in
-    a file, and registers every cleanup (process, queues) in ``ws``.
+    Writes the benchmark's configuration (INFO logging, unique host and
+    topics) and reads it into this process's ``conf``; makes the
+    transport, the VMM client (``api``) and optionally the simulated peers;
+    keeps the agent's stderr in a file, and registers every cleanup
+    (process, queues) in ``ws``. :meth:`start` runs the agent, waiting
+    until it answers; :meth:`stop` sends SIGTERM.
     """
-
-    failure = RuntimeError
 
     def __init__(self, ws: Workspace, bench: str, peers: bool = True,
                  template: str | None = None, api_timeout: float = 120,
@@ -288,21 +462,23 @@ class AgentProcess(agent_fixture.AgentControl):
         self.ws = ws
         self.dir = os.path.join(ws.path, 'agent')
         os.makedirs(self.dir, exist_ok=True)
-        template = template or rfix.make_template(self.dir)
-        self.values = bench_values(bench, os.path.join(self.dir, 'data'),
+        os.chmod(self.dir, 0o755)
+        template = template or make_template(self.dir)
+        self.values = agent_values(bench, os.path.join(self.dir, 'data'),
                                    template, **overrides)
         self.log_file = os.path.join(self.dir, 'agent.log')
         self.values[('DEFAULT', 'log_file')] = self.log_file
         self.values[('DEFAULT', 'debug')] = False
-        self.config_file = rfix.write_config_file(
+        self.config_file = write_config_file(
             os.path.join(self.dir, 'rapid-vmm.conf'), self.values)
-        self.conf = make_conf(self.values)
+        self.conf = load_conf(self.config_file)
         self.transport = rpc.get_transport(self.conf)
         ws.add(self._cleanup_transport)
         self.api = rpcapi.VmmAPI(self.conf, self.transport,
                                  timeout=api_timeout)
         self.peers = Peers(ws, self.conf, self.transport) if peers else None
         self.stderr_path = os.path.join(self.dir, 'agent.stderr')
+        self.process: subprocess.Popen | None = None
         ws.add_stopper(self.stop)
 
     @property
@@ -311,7 +487,8 @@ class AgentProcess(agent_fixture.AgentControl):
 
     @property
     def images_path(self) -> str:
-        return os.path.join(self.conf.data_path, 'instances')
+        return (self.conf.libvirt.images_path or
+                os.path.join(self.conf.data_path, 'instances'))
 
     def _cleanup_transport(self) -> None:
         queues = topic_queues(self.conf, {
@@ -326,19 +503,90 @@ class AgentProcess(agent_fixture.AgentControl):
                                         self.conf.ds_topic,
                                         self.conf.slam_topic])
 
+    # -- process control -----------------------------------------------------
+
+    def start(self, wait: bool = True, timeout: float = 60) -> float:
+        """Start the agent; with ``wait``, until it answers. Returns the
+        seconds from launch to the first answer."""
+        started = time.monotonic()
+        with open(self.stderr_path, 'ab') as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, '-m', 'rapid_vmm.cmd.vmm',
+                 '--config-file', self.config_file],
+                stdout=subprocess.DEVNULL, stderr=stderr,
+                start_new_session=True)
+        if wait:
+            self.wait_until_serving(timeout)
+        return time.monotonic() - started
+
+    def wait_until_serving(self, timeout: float = 60) -> dict:
+        """Wait until the agent answers ``get_host_status``; its reply."""
+        quick = self.api.client.prepare(timeout=2)
+
+        def answer():
+            if self.process.poll() is not None:
+                raise WaitAborted(
+                    f'agent exited with {self.process.returncode}: '
+                    f'{_tail(self.stderr_path, 20)}\n{self.log_tail()}')
+            return quick.call({}, 'get_host_status')
+        try:
+            return wait_until(answer, timeout,
+                              'agent not serving', interval=0.05)
+        except RuntimeError as exc:
+            raise RuntimeError(f'{exc}:\n{self.log_tail()}') from None
+
     def wait_registered(self, timeout: float = 30) -> None:
         """Wait until the agent registered with the simulated DS and got
         its VMM id (it arrives with the reply: give it a moment)."""
         self.peers.ds_recorder.wait_for('register_vmm', timeout=timeout)
-        deadline = time.monotonic() + 10
-        while self.api.get_host_status({})['vmm_id'] is None and \
-                time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: self.api.get_host_status({})['vmm_id'] is not None,
+                   10, 'no VMM id after the DS registration', interval=0.05)
+
+    def processes(self) -> list[psutil.Process]:
+        """The master and its children (the worker); [] once reaped."""
+        try:
+            master = psutil.Process(self.process.pid)
+            return [master, *master.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
 
     def stop(self, timeout: float = 30) -> float | None:
         """SIGTERM the master; seconds until every process is gone (None
         if it was not running)."""
-        return self.stop_quietly(timeout)
+        if self.process is None or self.process.poll() is not None:
+            return None
+        procs = self.processes()
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+        elapsed = time.monotonic() - started
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait(10)
+        return elapsed
+
+    def log_tail(self, lines: int = 60) -> str:
+        return _tail(self.log_file, lines)
+
+    def log_lines(self, needle: str) -> list[str]:
+        """The lines of the agent's log that contain ``needle``."""
+        try:
+            with open(self.log_file, encoding='utf-8',
+                      errors='replace') as log:
+                return [line for line in log if needle in line]
+        except OSError:
+            return []
+
+
+def _tail(path: str, lines: int) -> str:
+    try:
+        with open(path, encoding='utf-8', errors='replace') as log:
+            return ''.join(log.readlines()[-lines:])
+    except OSError:
+        return '(no log)'
 
 
 class EchoProcess:
@@ -384,6 +632,111 @@ class EchoProcess:
             return [psutil.Process(self.process.pid)]
         except psutil.NoSuchProcess:
             return []
+
+
+class StandInAS:
+    """Stand-in Acceleration Servers: the hand-shake of SPEC 4, from here.
+
+    For a VM whose address is known (:meth:`announce`, from any thread),
+    one of ``workers`` threads does what a real AS does once its VM has
+    booted: ``as_register(ip_address)`` (retried while the agent answers
+    ``VmNotFound``: it may not have stored the address yet) for its user,
+    then ``as_confirm(user_id)``. ``confirmed`` counts the confirmations
+    per user, ``failures`` lists what went wrong.
+    """
+
+    def __init__(self, api, workers: int = 16, register_timeout: float = 60,
+                 call_timeout: float = 10):
+        import concurrent.futures
+        self.api = api
+        self.register_timeout = register_timeout
+        self.call_timeout = call_timeout
+        self._stop = threading.Event()
+        self.confirmed: dict[int, int] = {}
+        self.registered_at: dict[int, float] = {}
+        self.failures: list[str] = []
+        self.ips: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix='stand-in-as')
+
+    def announce(self, name: str, ip_address: str) -> None:
+        """The VM ``name`` has ``ip_address``: run its AS hand-shake."""
+        with self._lock:
+            if self.ips.get(name) == ip_address:
+                return  # asked again (the agent polled the address twice)
+            self.ips[name] = ip_address
+        self._pool.submit(self._handshake, name, ip_address)
+
+    def _handshake(self, name: str, ip_address: str) -> None:
+        from rapid_vmm import exception
+        query = self.api.client.prepare(timeout=self.call_timeout)
+
+        def register():
+            if self._stop.is_set():
+                raise WaitAborted('the stand-in AS was closed')
+            return _registered(query, ip_address, exception)
+        try:
+            reply = wait_until(register, self.register_timeout,
+                               f'as_register({ip_address})', interval=0.05)
+            user_id = reply['user_id']
+            with self._lock:
+                self.registered_at[user_id] = time.monotonic()
+            query.call({}, 'as_confirm', user_id=user_id, ready=True)
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            with self._lock:
+                self.failures.append(f'{name} {ip_address}: '
+                                     f'{type(exc).__name__}: {exc}')
+            return
+        with self._lock:
+            self.confirmed[user_id] = self.confirmed.get(user_id, 0) + 1
+
+    def close(self) -> None:
+        """Stop: hand-shakes not begun are dropped, running ones end."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _registered(query, ip_address: str, exception) -> dict | None:
+    try:
+        return query.call({}, 'as_register', ip_address=ip_address)
+    except exception.VmNotFound:
+        return None
+
+
+class FifoListener:
+    """Reads "NAME IP" lines that ``_ip_command.sh`` writes on a FIFO and
+    hands them to ``callback(name, ip)``, on a thread of its own."""
+
+    def __init__(self, ws: Workspace, callback):
+        self.path = os.path.join(ws.path, 'ip-command.fifo')
+        os.mkfifo(self.path, 0o600)
+        # Read and write: opening never blocks, and the FIFO never sees
+        # end-of-file between two writers.
+        self._fd = os.open(self.path, os.O_RDWR)
+        self._callback = callback
+        self.lines = 0
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name='ip-command-fifo')
+        self._thread.start()
+        ws.add(self.close)
+
+    def _run(self) -> None:
+        with os.fdopen(self._fd, 'r', encoding='ascii',
+                       closefd=False) as stream:
+            for line in stream:
+                fields = line.split()
+                if fields == ['STOP']:
+                    return
+                if len(fields) == 2:
+                    self.lines += 1
+                    self._callback(*fields)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            os.write(self._fd, b'STOP\n')
+            self._thread.join(10)
+        os.close(self._fd)
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
@@ -448,9 +801,13 @@ def describe(values_ms) -> dict:
 
 
 def machine() -> dict:
+    """The machine, its load, and which rapid-vmm was measured (a script
+    run as ``python benchmarks/x.py`` imports the *installed* rapid-vmm,
+    not the checkout it sits in, unless PYTHONPATH says otherwise)."""
     return {'cpu_count': os.cpu_count(),
             'python': sys.version.split()[0],
-            'load_avg_1m': round(os.getloadavg()[0], 2)}
+            'load_avg_1m': round(os.getloadavg()[0], 2),
+            'rapid_vmm_path': os.path.dirname(rapid_vmm.__file__)}
 
 
 def verdict(met: bool) -> str:

@@ -22,9 +22,7 @@ import threading
 
 import rapid_vmm  # noqa: F401 - threading backend first
 
-from oslo_config import cfg
 import oslo_messaging as messaging
-from oslo_messaging import conffixture
 
 from rapid_vmm import conf as rapid_conf
 
@@ -54,9 +52,9 @@ def main(argv) -> int:
                         help='executor_thread_pool_size (default: '
                              "oslo.messaging's, 64)")
     args = parser.parse_args(argv)
-    conf = cfg.ConfigOpts()
-    rapid_conf.register_opts(conf)
-    conffixture.ConfFixture(conf)
+    # The global CONF, as the agent: oslo.messaging registers its options
+    # (tracing and metrics included) there.
+    conf = rapid_conf.CONF
     conf(['--config-file', args.config_file], project='rapid-vmm-echo',
          default_config_files=[], default_config_dirs=[])
     transport = messaging.get_rpc_transport(conf)

@@ -20,8 +20,8 @@ set -o xtrace
 # ---------
 
 # rapid_vmm_check_settings - refuse bad RAPID_VMM_* values before doing
-# anything, and split RAPID_VMM_VM_TYPES into _RAPID_VMM_TYPES (one
-# vcpus_memoryMB_diskGB entry per type, the keys of [nova] flavors)
+# anything (the grid of VM types is checked by rapid_vmm_load_vm_types, with
+# the agent's own parser, once rapid-vmm is installed)
 function rapid_vmm_check_settings {
     case "$RAPID_VMM_COMPUTE_DRIVER" in
         auto|nova|libvirt) ;;
@@ -37,34 +37,29 @@ function rapid_vmm_check_settings {
                 "not '$RAPID_VMM_NOVA_AUTH'"
             ;;
     esac
+}
 
-    local grid=${RAPID_VMM_VM_TYPES// /}
-    local vcpus_list=${grid%%x*}
-    local rest=${grid#*x}
-    local memory_list=${rest%%x*}
-    local disk_list=${rest#*x}
-    if [[ "$grid" != *x*x* || "$disk_list" == *x* ]]; then
-        die $LINENO "RAPID_VMM_VM_TYPES must be three lists separated by" \
-            "'x', e.g. '1,2,4 x 1024,2048,4096 x 20,40', not" \
-            "'$RAPID_VMM_VM_TYPES'"
+# rapid_vmm_load_vm_types - the types of RAPID_VMM_VM_TYPES, from the
+# agent's own parser of the grid (python -m rapid_vmm.flavors, installed
+# by now), into _RAPID_VMM_TYPES: one "key vcpus memory_mb disk_gb" entry
+# per type (key: vcpus_memoryMB_diskGB, the keys of [nova] flavors). A bad
+# grid stops stack.sh; the parser said why on the line above.
+function rapid_vmm_load_vm_types {
+    local python=${RAPID_VMM_PYTHON:-$PYTHON}
+    local types
+    if ! types=$("$python" -m rapid_vmm.flavors "$RAPID_VMM_VM_TYPES"); then
+        die $LINENO "RAPID_VMM_VM_TYPES '$RAPID_VMM_VM_TYPES' is not a" \
+            "grid of VM types (see the line above), e.g." \
+            "'1,2,4 x 1024,2048,4096 x 20,40'"
     fi
-    local value
-    for value in ${vcpus_list//,/ } ${memory_list//,/ } ${disk_list//,/ }; do
-        if [[ ! "$value" =~ ^[1-9][0-9]*$ ]]; then
-            die $LINENO "RAPID_VMM_VM_TYPES: '$value' is not a positive" \
-                "integer"
-        fi
-    done
-
-    _RAPID_VMM_TYPES=()
-    local vcpus memory_mb disk_gb
-    for vcpus in ${vcpus_list//,/ }; do
-        for memory_mb in ${memory_list//,/ }; do
-            for disk_gb in ${disk_list//,/ }; do
-                _RAPID_VMM_TYPES+=("${vcpus}_${memory_mb}_${disk_gb}")
-            done
-        done
-    done
+    # One entry per line; the parser prints only digits, "_" and spaces.
+    local IFS=$'\n'
+    # shellcheck disable=SC2206
+    _RAPID_VMM_TYPES=($types)
+    if [[ ${#_RAPID_VMM_TYPES[@]} -eq 0 ]]; then
+        die $LINENO "python -m rapid_vmm.flavors printed no VM type for" \
+            "'$RAPID_VMM_VM_TYPES' (is this rapid-vmm installed in $python?)"
+    fi
 }
 
 # rapid_vmm_driver - print the compute driver of the agent: "nova" when
@@ -96,10 +91,11 @@ function rapid_vmm_nova_password {
 # rapid_vmm_flavor_map - print the value of [nova] flavors: every type of
 # the grid mapped to the flavor this plugin creates for it
 function rapid_vmm_flavor_map {
-    local vm_type
+    local entry key
     local map=""
-    for vm_type in "${_RAPID_VMM_TYPES[@]}"; do
-        map+="${map:+,}${vm_type}:${RAPID_VMM_FLAVOR_PREFIX}${vm_type}"
+    for entry in "${_RAPID_VMM_TYPES[@]}"; do
+        key=${entry%% *}
+        map+="${map:+,}${key}:${RAPID_VMM_FLAVOR_PREFIX}${key}"
     done
     echo "$map"
 }
@@ -261,12 +257,15 @@ function create_rapid_vmm_nova_account {
 # create_rapid_vmm_flavors - one flavor per type of the grid; flavors that
 # exist already are kept, so a second stack.sh creates nothing
 function create_rapid_vmm_flavors {
-    local vm_type vcpus memory_mb disk_gb name
-    for vm_type in "${_RAPID_VMM_TYPES[@]}"; do
-        vcpus=${vm_type%%_*}
-        disk_gb=${vm_type##*_}
-        memory_mb=${vm_type#*_}
-        memory_mb=${memory_mb%_*}
+    local entry vm_type vcpus memory_mb disk_gb name
+    local -a fields
+    for entry in "${_RAPID_VMM_TYPES[@]}"; do
+        # shellcheck disable=SC2206
+        fields=($entry)
+        vm_type=${fields[0]}
+        vcpus=${fields[1]}
+        memory_mb=${fields[2]}
+        disk_gb=${fields[3]}
         name=$RAPID_VMM_FLAVOR_PREFIX$vm_type
         if ! openstack --os-region-name "$RAPID_VMM_NOVA_REGION_NAME" \
                 flavor show "$name" >/dev/null 2>&1; then
@@ -358,10 +357,12 @@ if is_service_enabled rapid-vmm; then
 
     elif [[ "$1" == "stack" && "${2:-}" == "post-config" ]]; then
         echo_summary "Configuring rapid-vmm"
+        rapid_vmm_load_vm_types
         configure_rapid_vmm
 
     elif [[ "$1" == "stack" && "${2:-}" == "extra" ]]; then
         echo_summary "Initializing and starting rapid-vmm"
+        rapid_vmm_load_vm_types
         init_rapid_vmm
         start_rapid_vmm
     fi

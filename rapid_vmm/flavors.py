@@ -3,6 +3,7 @@
 import bisect
 import dataclasses
 import itertools
+import sys
 
 from rapid_vmm import exception
 
@@ -106,3 +107,34 @@ def parse_grid(text: str) -> Grid:
                        'strictly ascending')
         lists.append(values)
     return Grid(*lists)
+
+
+USAGE = 'usage: python -m rapid_vmm.flavors GRID  (e.g. "1,2 x 1024 x 20")'
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rapid_vmm.flavors GRID``: the types of a ``vm_types`` grid.
+
+    Prints one line per type, in type-number order: its key
+    (``vcpus_memoryMB_diskGB``, as in ``[nova] flavors``), then vCPUs,
+    memory MB and disk GB, separated by spaces. A bad grid prints one line
+    on stderr and exits 1; a wrong number of arguments exits 2. This is the
+    parser the agent uses, for tools that need the grid (the devstack
+    plugin) instead of parsing it again.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        grid = parse_grid(args[0])
+    except exception.ConfigError as exc:
+        print(f'rapid_vmm.flavors: {exc}', file=sys.stderr)
+        return 1
+    for vm_type in grid.types:
+        print(vm_type.key, vm_type.vcpus, vm_type.memory_mb, vm_type.disk_gb)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

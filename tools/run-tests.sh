@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's "test" command, and what CI runs (.ci/run): set up this
-# machine, then run lint, the sample-config check, and the unit,
-# functional, devstack-plugin, system and Nova tests through tox. Extra
+# machine, then run lint, the sample-config check, the unit, functional,
+# devstack-plugin, system and Nova tests, and the documentation build
+# (warnings as errors) through tox. Extra
 # arguments replace the list of tox environments, e.g.
 # `tools/run-tests.sh -e unit`.
 set -euo pipefail
@@ -10,6 +11,6 @@ bash "$REPO/tools/setup-env.sh"
 VENV=${RAPID_VMM_VENV:-$REPO/.venv}
 cd "$REPO"
 if [ "$#" -eq 0 ]; then
-    set -- -e pep8,genconfig-check,unit,functional,devstack,system,nova
+    set -- -e pep8,genconfig-check,unit,functional,devstack,system,nova,docs
 fi
 exec "$VENV/bin/tox" "$@"

@@ -3,8 +3,7 @@
 import socket
 
 from oslo_config import cfg
-
-from rapid_vmm import netutils
+from oslo_utils import netutils
 
 DEFAULT_VM_TYPES = '1,2,4 x 1024,2048,4096 x 20,40'
 
@@ -24,11 +23,13 @@ identity_opts = [
                     'whose ``host`` differs from its state\'s refuses to '
                     'start. Harmless to leave set after the rename.'),
     cfg.StrOpt('my_ip',
-               default=netutils.first_non_loopback_ipv4(),
+               default=netutils.get_my_ipv4(),
                sample_default='<host_ipv4>',
                help='IP address reported to the Directory Server and the '
-                    'SLA Manager. Default: the first non-loopback IPv4 '
-                    'address of the host.'),
+                    'SLA Manager. Default: the IPv4 address this host '
+                    'sends from on its default route (not the first '
+                    'interface: a bridge or docker0 is not the uplink); '
+                    '127.0.0.1 on a host without a default route.'),
 ]
 
 rpc_opts = [

@@ -26,6 +26,13 @@ gpu_opts = [
                     'backend.'),
     cfg.IntOpt('nvidia_smi_timeout', default=5, min=1,
                help='Seconds one run of nvidia-smi may take.'),
+    cfg.FloatOpt('sample_timeout', default=5.0, min=0.1,
+                 help='Seconds one GPU sample (NVML, or a run of '
+                      'nvidia-smi) may take before the report goes on '
+                      'without GPU figures (``gpu_error`` says why). A call '
+                      'stuck in the driver is left to finish in the '
+                      'background; until it returns, reports carry no GPU '
+                      'and do not wait for it again. Default 5.'),
     cfg.BoolOpt('extra_metrics', default=True,
                 help='Also read the temperature and power draw of each '
                      'GPU.'),

@@ -24,11 +24,24 @@ def list_opts() -> list:
     return result
 
 
-def set_lib_defaults() -> None:
-    """Defaults of library options that suit rapid-vmm.
+GRACEFUL_SHUTDOWN_TIMEOUT = 10
+"""Seconds oslo.service gives the agent to stop (its own default: 60)."""
 
-    The agent must stop within 10 s of SIGTERM, so the graceful shutdown
-    bound of oslo.service is lowered from 60 s.
+
+def set_lib_defaults(conf: cfg.ConfigOpts | None = None) -> None:
+    """Defaults of library options that suit rapid-vmm, on ``conf``.
+
+    The agent must stop within 10 s of SIGTERM, so oslo.service's
+    ``graceful_shutdown_timeout`` is lowered from 60 s. Only public calls:
+    oslo.service's options are registered from its ``list_opts()`` (equal
+    to its own, so its later registration is a no-op) and the default set
+    with ``ConfigOpts.set_default``. ``conf``: the global ``CONF`` when
+    None (as when oslo-config-generator calls this hook; the sample then
+    shows oslo.service's own default).
     """
-    from oslo_service import _options as service_opts
-    cfg.set_defaults(service_opts.service_opts, graceful_shutdown_timeout=10)
+    from oslo_service import service
+
+    conf = cfg.CONF if conf is None else conf
+    for group, opts in service.list_opts():
+        conf.register_opts(opts, group=group)
+    conf.set_default('graceful_shutdown_timeout', GRACEFUL_SHUTDOWN_TIMEOUT)

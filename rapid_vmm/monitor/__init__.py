@@ -43,6 +43,7 @@ class ResourceMonitor:
                  host: HostMonitor | None = None,
                  gpu: GpuMonitor | None = None) -> None:
         self._conf = conf
+        self._gpu_opts = conf.gpu  # [gpu], read at each sample
         self.host = host if host is not None else HostMonitor(conf)
         self.gpu = gpu if gpu is not None else GpuMonitor(conf)
         self._lock = threading.Lock()
@@ -62,14 +63,14 @@ class ResourceMonitor:
             sampled_at = round(time.time(), 3)
             resources = self.host.sample()
             gpus = self.gpu.sample()
-            resources.update(
-                gpu_load_percent=gpu_load_percent(gpus),
-                gpu_cores=self._conf.gpu.total_cores,
-                gpus=gpus,
-                gpu_backend=self.gpu.backend,
-                gpu_error=self.gpu.last_error,
-                sampled_at=sampled_at,
-            )
+            gpu = self.gpu
+            resources['gpu_load_percent'] = (gpu_load_percent(gpus) if gpus
+                                             else None)
+            resources['gpu_cores'] = self._gpu_opts.total_cores
+            resources['gpus'] = gpus
+            resources['gpu_backend'] = gpu.backend
+            resources['gpu_error'] = gpu.last_error
+            resources['sampled_at'] = sampled_at
         return resources
 
     def close(self) -> None:

@@ -14,6 +14,14 @@ the next sample shut NVML down and initialise it again.
 ``none``, or ``auto`` (NVML, else nvidia-smi if the tool is there, else
 nothing; while it is not on NVML, ``auto`` probes NVML again every
 :data:`AUTO_REPROBE_S` seconds, so a driver that comes up late is found).
+
+Every call into the backend (NVML's initialisation and readings, a run of
+nvidia-smi) runs on a worker thread with a deadline, ``gpu.sample_timeout``
+(:class:`~rapid_vmm.monitor.resources.DeadlineWorker`): an NVML call stuck
+in the driver costs one report at most that long, the report goes on
+without GPU figures and says why (``gpu_error``), and later reports do not
+wait for it again until it returns. A cycle with nothing to read (``none``,
+or ``auto`` between two probes on a host without GPU) skips the worker.
 """
 
 from collections.abc import Callable
@@ -26,6 +34,8 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from rapid_vmm.monitor import nvidia_smi
+from rapid_vmm.monitor.resources import CallTimeout
+from rapid_vmm.monitor.resources import DeadlineWorker
 from rapid_vmm.monitor.resources import ErrorLog
 from rapid_vmm.monitor.resources import to_mib
 
@@ -383,8 +393,9 @@ class GpuMonitor:
     :param reprobe_interval: seconds between NVML probes in ``auto`` mode
         while not on NVML.
 
-    :meth:`sample` never raises: a failed backend gives an empty list for
-    that cycle and :attr:`last_error` says why.
+    :meth:`sample` never raises and never takes much longer than
+    ``gpu.sample_timeout``: a failed or stuck backend gives an empty list
+    for that cycle and :attr:`last_error` says why.
     """
 
     def __init__(self, conf: cfg.ConfigOpts,
@@ -392,15 +403,24 @@ class GpuMonitor:
                  clock: Callable[[], float] = time.monotonic,
                  reprobe_interval: float = AUTO_REPROBE_S) -> None:
         self._conf = conf
+        # The [gpu] options, read at each use through this proxy (one
+        # attribute lookup instead of two: the sample is a hot path).
+        self._opts = conf.gpu
         self._nvml_loader = nvml_loader
         self._clock = clock
         self._reprobe_interval = reprobe_interval
         self._errors = ErrorLog(LOG)
+        # Used by the callers only (under _lock), never by the worker.
+        self._deadline_errors = ErrorLog(LOG)
         self._lock = threading.Lock()
+        self._worker = DeadlineWorker('gpu-sample', clock)
         self._reader: NvmlReader | nvidia_smi.NvidiaSmiReader | None = None
         self._mode: str | None = None
         self._next_probe = 0.0
+        # Set by the worker while it samples ...
         self._last_error: str | None = None
+        # ... and what the last sample reported (set by the caller).
+        self._reported_error: str | None = None
         self._selection_source: tuple | None = None
         self._selection: list[int] | None = None
 
@@ -408,19 +428,20 @@ class GpuMonitor:
     def backend(self) -> str:
         """The backend of the last sample: ``nvml``, ``nvidia-smi``, ``none``.
 
-        Before the first sample it is chosen here. Asking never probes
-        again and reads no option: it is cheap.
+        Before the first sample it is chosen here (within the deadline).
+        Asking again never probes and reads no option: it is cheap.
         """
         if self._mode is None:
             with self._lock:
-                self._ensure_reader()
+                if self._mode is None:
+                    self._bounded(self._ensure_reader)
         reader = self._reader
         return reader.name if reader is not None else 'none'
 
     @property
     def last_error(self) -> str | None:
         """Why the last sample reported no GPU, or None."""
-        return self._last_error
+        return self._reported_error
 
     def sample(self) -> list[dict]:
         """The selected GPUs, ordered by index. Never raises.
@@ -434,24 +455,67 @@ class GpuMonitor:
         ``temperature_c`` and ``power_w``.
         """
         with self._lock:
-            try:
-                return self._sample()
-            except Exception as exc:  # noqa: BLE001 - logged, see below
-                # A bug or a pynvml surprise must not stop the report:
-                # log it once with its traceback, start over next cycle.
-                self._last_error = f'unexpected error: {exc!r}'
-                self._errors.failed(
-                    ('unexpected',), repr(exc), 'Unexpected error reading '
-                    'the GPUs; none reported this cycle', exc_info=True,
-                    level=std_logging.ERROR)
-                self._drop_reader()
+            if self._nothing_to_read():
                 return []
+            result = self._bounded(self._guarded_sample)
+            if result is None:
+                return []
+            devices, self._reported_error = result
+            return devices
 
     def close(self) -> None:
         """Release NVML (or forget the tool). The monitor can be reused."""
         with self._lock:
-            self._drop_reader()
+            self._bounded(self._drop_reader)
             self._mode = None
+
+    # -- the deadline ---------------------------------------------------------
+
+    def _nothing_to_read(self) -> bool:
+        """True when this cycle would not touch a backend: no worker hop."""
+        mode = self._opts.backend
+        if mode != self._mode:
+            return False
+        if mode == 'none':
+            return True
+        return self._reader is None and self._clock() < self._next_probe
+
+    def _bounded(self, fn: Callable):
+        """``fn()`` on the worker, within ``gpu.sample_timeout``; None (and
+        the reason in :attr:`last_error`) when it did not return in time."""
+        timeout = self._opts.sample_timeout
+        try:
+            value = self._worker.call(fn, timeout)
+        except CallTimeout as exc:
+            reader = self._reader
+            backend = reader.name if reader is not None else 'the GPU backend'
+            self._reported_error = (f'GPU readings through {backend} timed '
+                                    f'out: {exc}')
+            self._deadline_errors.failed(
+                ('deadline',), 'stuck', 'GPU readings through %s did not '
+                'return within %s s (%s): reports go on without GPU '
+                'figures until the call returns', backend, timeout, exc,
+                level=std_logging.ERROR)
+            return None
+        self._deadline_errors.recovered(
+            ('deadline',), 'GPU readings return within the deadline again')
+        return value
+
+    def _guarded_sample(self) -> tuple[list[dict], str | None]:
+        """One sample, on the worker: (devices, why none or None)."""
+        try:
+            devices = self._sample()
+        except Exception as exc:  # noqa: BLE001 - logged, see below
+            # A bug or a pynvml surprise must not stop the report: log it
+            # once with its traceback, start over next cycle.
+            self._last_error = f'unexpected error: {exc!r}'
+            self._errors.failed(
+                ('unexpected',), repr(exc), 'Unexpected error reading '
+                'the GPUs; none reported this cycle', exc_info=True,
+                level=std_logging.ERROR)
+            self._drop_reader()
+            devices = []
+        return devices, self._last_error
 
     # -- internals ------------------------------------------------------------
 
@@ -462,7 +526,7 @@ class GpuMonitor:
         selection = self._parse_selection()
         try:
             devices = reader.sample(selection,
-                                    self._conf.gpu.extra_metrics)
+                                    self._opts.extra_metrics)
         except (GpuBackendError, nvidia_smi.NvidiaSmiError) as exc:
             self._last_error = str(exc)
             self._errors.failed(
@@ -480,7 +544,7 @@ class GpuMonitor:
         return devices
 
     def _ensure_reader(self):
-        mode = self._conf.gpu.backend
+        mode = self._opts.backend
         if mode != self._mode:
             if self._mode is not None:
                 LOG.info('GPU backend changed from %s to %s', self._mode,
@@ -564,7 +628,7 @@ class GpuMonitor:
             reader.close()
 
     def _parse_selection(self) -> list[int] | None:
-        source = tuple(self._conf.gpu.devices or ())
+        source = tuple(self._opts.devices or ())
         if source == self._selection_source:
             return self._selection
         selection: list[int] | None = []

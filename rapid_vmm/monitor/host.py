@@ -1,38 +1,36 @@
-"""Host CPU, memory, disk and load, sampled in-process.
+"""Host CPU, memory, disk and load, sampled in-process with psutil.
 
 No process is spawned and nothing sleeps.
 
-CPU load: the busy share of the CPU time counters between two samples
-(what ``psutil.cpu_percent(interval=None)`` computes), with the monitor's
-own baseline, so other users of psutil in the process cannot shorten the
-window, and a minimum window, so that a query between two reports does not
-report noise.
+CPU load: the busy share of :func:`psutil.cpu_times` between two samples,
+computed as :func:`psutil.cpu_percent` does, but with the monitor's own
+baseline (psutil keeps one per calling thread: a query from an RPC worker
+between two reports would otherwise measure from that worker's last call)
+and a minimum window, so that a query between two reports does not report
+noise.
 
-Memory "free" is ``MemAvailable`` (what can be given to new VMs without
-swapping), not ``MemFree`` (which ignores reclaimable page cache).
+Memory "free" is :func:`psutil.virtual_memory`'s ``available`` (what can
+be given to new VMs without swapping: ``MemAvailable``), not ``free``
+(``MemFree``, which ignores reclaimable page cache).
 
-On Linux these two readings come straight from ``/proc/stat`` and
-``/proc/meminfo`` (one ``os.read`` each, parsed by the pure functions
-:func:`parse_proc_stat` and :func:`parse_meminfo`): the files psutil reads,
-without building psutil's full result, which costs more than the read.
-Elsewhere, or if those files cannot be used, psutil gives them.
+Disk: :func:`psutil.disk_usage` of the filesystems holding ``data_path``
+and the instance disks (``libvirt.images_path``, by default
+``<data_path>/instances``), once each when both are on one filesystem.
+``disk_total_gb``/``disk_free_gb`` are those of the instance-disk
+filesystem: that is the space VMs consume (the state database in
+``data_path`` is tiny), so it is what decides whether a VM type still
+fits. Free space is what an unprivileged writer (qemu) can use, without
+the blocks reserved for root. A path that does not exist yet is measured
+on the filesystem of its nearest existing parent, where it will be
+created. Which filesystem holds which path (and the paths themselves), and
+the CPU count, are worked out again every :data:`LAYOUT_REFRESH_S` seconds
+(a later mount is seen then); the sizes are read at every sample.
 
-Disk: the filesystems holding ``data_path`` and the instance disks
-(``libvirt.images_path``, by default ``<data_path>/instances``), once each
-when both are on one filesystem. ``disk_total_gb``/``disk_free_gb`` are
-those of the instance-disk filesystem: that is the space VMs consume (the
-state database in ``data_path`` is tiny), so it is what decides whether a
-VM type still fits. Free space is what an unprivileged writer (qemu) can
-use, without the blocks reserved for root. A path that does not exist yet
-is measured on the filesystem of its nearest existing parent, where it
-will be created. Which filesystem holds which path (and the paths
-themselves) is worked out again every :data:`LAYOUT_REFRESH_S` seconds (a
-later mount is seen then); the sizes are read at every sample.
+Load average: :func:`os.getloadavg` (what :func:`psutil.getloadavg` is on
+Linux).
 """
 
-import collections
 import os
-import sys
 import threading
 import time
 
@@ -54,18 +52,6 @@ LAYOUT_REFRESH_S = 60.0
 """Seconds between two look-ups of which filesystem holds which path, and
 of the number of CPUs."""
 
-PROC_STAT = '/proc/stat'
-PROC_MEMINFO = '/proc/meminfo'
-
-CpuTimes = collections.namedtuple(
-    'CpuTimes', 'user nice system idle iowait irq softirq steal guest '
-    'guest_nice')
-"""Aggregate CPU times in seconds, with psutil's Linux field names."""
-
-_CLOCK_TICKS = (os.sysconf('SC_CLK_TCK')
-                if hasattr(os, 'sysconf') and 'SC_CLK_TCK' in
-                os.sysconf_names else 100)
-
 
 def images_path(conf: cfg.ConfigOpts) -> str:
     """Directory of the instance disks (``libvirt.images_path``)."""
@@ -73,71 +59,30 @@ def images_path(conf: cfg.ConfigOpts) -> str:
             os.path.join(conf.data_path, 'instances'))
 
 
-def read_proc_file(path: str, size: int = 8192) -> bytes:
-    """The first ``size`` bytes of a /proc file, in one read."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, size)
-    finally:
-        os.close(fd)
-
-
-def parse_proc_stat(data: bytes, ticks: int = _CLOCK_TICKS) -> CpuTimes:
-    """The aggregate ``cpu`` line of /proc/stat, in seconds.
-
-    Raises ValueError if ``data`` does not start with that line. Fields
-    that an older kernel does not have are 0.
-    """
-    end = data.find(b'\n')
-    fields = (data if end < 0 else data[:end]).split()
-    if len(fields) < 5 or fields[0] != b'cpu':
-        raise ValueError('no aggregate cpu line in /proc/stat')
-    values = [int(field) / ticks for field in fields[1:11]]
-    values += [0.0] * (10 - len(values))
-    return CpuTimes._make(values)
-
-
-def _meminfo_bytes(data: bytes, name: bytes) -> int:
-    start = data.find(b'\n' + name)
-    if start >= 0:
-        start += 1
-    elif data.startswith(name):
-        start = 0
-    else:
-        raise ValueError(f'no {name!r} in /proc/meminfo')
-    end = data.find(b'\n', start)
-    parts = data[start + len(name):end if end >= 0 else None].split()
-    if len(parts) != 2 or parts[1] != b'kB':
-        raise ValueError(f'bad {name!r} line in /proc/meminfo')
-    return int(parts[0]) * 1024
-
-
-def parse_meminfo(data: bytes) -> tuple[int, int]:
-    """(MemTotal, MemAvailable) in bytes from /proc/meminfo.
-
-    Raises ValueError when either is missing (kernels before 3.14 have no
-    MemAvailable: psutil estimates it then).
-    """
-    return (_meminfo_bytes(data, b'MemTotal:'),
-            _meminfo_bytes(data, b'MemAvailable:'))
-
-
 def cpu_busy_total(times) -> tuple[float, float]:
-    """(busy, total) seconds of a :data:`CpuTimes` or psutil cpu_times().
+    """(busy, total) seconds of a :func:`psutil.cpu_times` result.
 
     As psutil counts them on Linux: guest time is already in user/nice, so
     it is left out of the total; idle and iowait are not busy.
     """
     total = sum(times)
-    total -= getattr(times, 'guest', 0.0) + getattr(times, 'guest_nice', 0.0)
+    try:  # Linux: guest and guest_nice are already in user and nice
+        total -= times.guest + times.guest_nice
+    except AttributeError:
+        total -= getattr(times, 'guest', 0.0)
     busy = total - times.idle - getattr(times, 'iowait', 0.0)
     return busy, total
 
 
 def cpu_busy_percent(before, after) -> float | None:
     """Busy % of all CPUs between two CPU times; None if no time passed."""
-    busy0, total0 = cpu_busy_total(before)
-    busy1, total1 = cpu_busy_total(after)
+    return _busy_percent(cpu_busy_total(before), cpu_busy_total(after))
+
+
+def _busy_percent(before: tuple[float, float],
+                  after: tuple[float, float]) -> float | None:
+    busy0, total0 = before
+    busy1, total1 = after
     elapsed = total1 - total0
     if elapsed <= 0:
         return None
@@ -188,8 +133,6 @@ class HostMonitor:
         first sample, then every :data:`LAYOUT_REFRESH_S` seconds).
     :param min_cpu_window: see :data:`MIN_CPU_WINDOW_S`.
     :param clock: monotonic clock (tests pass a fake).
-    :param use_proc: read /proc directly (default: on Linux); False always
-        uses psutil.
 
     The CPU counters are primed at construction, so the first sample
     already measures a real window. If it comes less than
@@ -199,21 +142,20 @@ class HostMonitor:
 
     def __init__(self, conf: cfg.ConfigOpts,
                  min_cpu_window: float = MIN_CPU_WINDOW_S,
-                 clock=time.monotonic, use_proc: bool | None = None) -> None:
+                 clock=time.monotonic) -> None:
         self._conf = conf
         self._min_cpu_window = min_cpu_window
         self._clock = clock
         self._errors = ErrorLog(LOG)
         self._lock = threading.Lock()
-        if use_proc is None:
-            use_proc = sys.platform.startswith('linux')
-        self._proc_stat = self._proc_meminfo = use_proc
         try:
-            base = self._cpu_times()
+            base = psutil.cpu_times()
         except OSError as exc:
             LOG.warning('Cannot read the CPU times: %s', exc)
             base = None
-        self._cpu_base = (clock(), base)
+        # (time, busy and total CPU seconds) of the window's start.
+        self._cpu_base = (clock(), None if base is None
+                          else cpu_busy_total(base))
         self._cpu_last: tuple[float, float] | None = None
         self._boot_time: float | None = None
         self._cpu_count: int | None = None
@@ -253,41 +195,33 @@ class HostMonitor:
 
     # -- CPU -----------------------------------------------------------------
 
-    def _cpu_times(self):
-        if self._proc_stat:
-            try:
-                return parse_proc_stat(read_proc_file(PROC_STAT, 1024))
-            except (OSError, ValueError) as exc:
-                self._proc_stat = False
-                LOG.warning('Cannot use %s (%s): CPU times from psutil '
-                            'from now on', PROC_STAT, exc)
-        return psutil.cpu_times()
-
     def _cpu_load(self, now: float) -> tuple[float | None, float | None]:
         base_time, base_times = self._cpu_base
         elapsed = now - base_time
         if elapsed < self._min_cpu_window and self._cpu_last is not None:
             return self._cpu_last
         try:
-            times = self._cpu_times()
+            times = psutil.cpu_times()
         except OSError as exc:
             self._errors.failed('cpu', str(exc), 'Cannot read the CPU '
                                 'times: %s; CPU load reported as None', exc)
             return None, None
-        self._errors.recovered('cpu', 'CPU times readable again')
+        if self._errors.any_failing:
+            self._errors.recovered('cpu', 'CPU times readable again')
+        counters = cpu_busy_total(times)
         percent = None
         if base_times is None:
-            self._cpu_base = (now, times)
+            self._cpu_base = (now, counters)
         elif elapsed >= self._min_cpu_window:
-            percent = cpu_busy_percent(base_times, times)
+            percent = _busy_percent(base_times, counters)
         if percent is None:
             if self._cpu_last is not None:
                 return self._cpu_last
             # No window yet: the average since boot is a real figure.
-            busy, total = cpu_busy_total(times)
+            busy, total = counters
             percent = round(100.0 * busy / total, 1) if total > 0 else None
             return percent, self._uptime()
-        self._cpu_base = (now, times)
+        self._cpu_base = (now, counters)
         self._cpu_last = (percent, round(elapsed, 3))
         return self._cpu_last
 
@@ -304,30 +238,22 @@ class HostMonitor:
 
     def _memory(self) -> tuple[int | None, int | None]:
         try:
-            if self._proc_meminfo:
-                try:
-                    total, available = parse_meminfo(
-                        read_proc_file(PROC_MEMINFO))
-                except (OSError, ValueError) as exc:
-                    self._proc_meminfo = False
-                    LOG.warning('Cannot use %s (%s): memory from psutil '
-                                'from now on', PROC_MEMINFO, exc)
-            if not self._proc_meminfo:
-                memory = psutil.virtual_memory()
-                total, available = memory.total, memory.available
+            memory = psutil.virtual_memory()
         except OSError as exc:
             self._errors.failed('memory', str(exc), 'Cannot read the '
                                 'memory use: %s; reported as None', exc)
             return None, None
-        self._errors.recovered('memory', 'Memory use readable again')
-        return to_mib(total), to_mib(available)
+        if self._errors.any_failing:
+            self._errors.recovered('memory', 'Memory use readable again')
+        return to_mib(memory.total), to_mib(memory.available)
 
     def _load_average(self) -> list[float] | None:
         try:
-            return [round(value, 2) for value in os.getloadavg()]
+            one, five, fifteen = os.getloadavg()
         except OSError as exc:
             LOG.debug('No load average: %s', exc)
             return None
+        return [round(one, 2), round(five, 2), round(fifteen, 2)]
 
     # -- disk ----------------------------------------------------------------
 
@@ -343,7 +269,7 @@ class HostMonitor:
             total = free = None
             if filesystem.measured_path is not None:
                 try:
-                    stat = os.statvfs(filesystem.measured_path)
+                    usage = psutil.disk_usage(filesystem.measured_path)
                 except OSError as exc:
                     # Look again at the next sample.
                     self._layout_expires = -float('inf')
@@ -352,11 +278,14 @@ class HostMonitor:
                         'Cannot measure the filesystem of %s: %s; reported '
                         'as None', ', '.join(filesystem.paths), exc)
                 else:
-                    self._errors.recovered(
-                        ('disk', filesystem.mount_point), 'Filesystem of %s '
-                        'measurable again', ', '.join(filesystem.paths))
-                    total = to_gib(stat.f_blocks * stat.f_frsize)
-                    free = to_gib(stat.f_bavail * stat.f_frsize)
+                    if self._errors.any_failing and self._errors.is_failing(
+                            ('disk', filesystem.mount_point)):
+                        self._errors.recovered(
+                            ('disk', filesystem.mount_point),
+                            'Filesystem of %s measurable again',
+                            ', '.join(filesystem.paths))
+                    total = to_gib(usage.total)
+                    free = to_gib(usage.free)
             entries.append({
                 'mount_point': filesystem.mount_point,
                 'roles': list(filesystem.roles),

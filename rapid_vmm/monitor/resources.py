@@ -1,13 +1,19 @@
 """Pieces shared by the host and GPU monitors.
 
-Units, and :class:`ErrorLog`, which keeps a periodic sampler from filling the
+Units; :class:`ErrorLog`, which keeps a periodic sampler from filling the
 log: a failure is logged when it starts (or changes), its recovery once, and
-nothing in between, however many report cycles it lasts.
+nothing in between, however many report cycles it lasts; and
+:class:`DeadlineWorker`, which gives calls that may hang in a driver (NVML)
+a deadline.
 """
 
 from collections.abc import Callable
 from collections.abc import Hashable
 import logging as std_logging
+import queue
+import threading
+import time
+from typing import Any
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -65,6 +71,12 @@ class ErrorLog:
     def is_failing(self, key: Hashable) -> bool:
         return key in self._active
 
+    @property
+    def any_failing(self) -> bool:
+        """True while some failure is active (a cheap test for hot paths:
+        nothing to recover otherwise)."""
+        return bool(self._active)
+
     def forget(self,
                predicate: Callable[[Hashable], bool] | None = None) -> None:
         """Forget failures (all, or those whose key matches predicate)."""
@@ -73,3 +85,83 @@ class ErrorLog:
             return
         for key in [k for k in self._active if predicate(k)]:
             del self._active[key]
+
+
+class CallTimeout(Exception):
+    """A call did not return within its deadline; it may still be running
+    on the worker thread."""
+
+
+class _Job:
+    __slots__ = ('args', 'done', 'error', 'fn', 'result')
+
+    def __init__(self, fn: Callable, args: tuple) -> None:
+        self.fn = fn
+        self.args = args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class DeadlineWorker:
+    """Runs calls that may hang on one daemon thread, each with a deadline.
+
+    A C call stuck in a driver cannot be interrupted from Python: it is
+    left to finish on the worker thread, and until it returns every further
+    :meth:`call` fails at once with :class:`CallTimeout` instead of queueing
+    behind it (no pile of stuck threads, no caller waiting twice). The
+    thread is a daemon, so a hung call never keeps the process from
+    exiting. Thread-safe; one call runs at a time.
+    """
+
+    def __init__(self, name: str, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self._name = name
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._busy_since: float | None = None
+
+    def busy_for(self) -> float | None:
+        """Seconds the running call has taken so far; None when idle."""
+        since = self._busy_since
+        return None if since is None else self._clock() - since
+
+    def call(self, fn: Callable, timeout: float, *args: object) -> Any:
+        """``fn(*args)`` on the worker thread, within ``timeout`` seconds.
+
+        Returns its result or raises its exception.
+
+        :raises CallTimeout: when it did not return in time (it goes on in
+            the background), or when a previous call still runs.
+        """
+        with self._lock:
+            busy = self.busy_for()
+            if busy is not None:
+                raise CallTimeout(f'the previous call has not returned '
+                                  f'after {busy:.0f} s')
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+            job = _Job(fn, args)
+            self._busy_since = self._clock()
+            self._jobs.put(job)
+        if not job.done.wait(timeout):
+            raise CallTimeout(f'no answer within {timeout:g} s')
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job.result = job.fn(*job.args)
+            except BaseException as exc:  # noqa: BLE001 - handed to caller
+                job.error = exc
+            finally:
+                with self._lock:
+                    self._busy_since = None
+                job.done.set()

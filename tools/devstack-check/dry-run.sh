@@ -72,6 +72,9 @@ function devstack_globals {
     CIRROS_ARCH=x86_64
     SSL_BUNDLE_FILE=$DATA_DIR/ca-bundle.pem
     OS_CLOUD=devstack-admin
+    # devstack's Python (inc/python; the global virtualenv's python3): a
+    # function of fake-devstack.sh here, which runs the Python under test
+    PYTHON=python3
     DISABLED_SERVICES=""
     # The plugin's checkout is the repository under test (read only);
     # /etc/rapid-vmm is outside the sandbox, so local.conf moves it.
@@ -224,7 +227,7 @@ for tool in $SHIM_TOOLS; do
     ln -s "$(command -v "$tool")" "$FD_SHIM_DIR/$tool"
 done
 export FD_REPO FD_SCENARIO FD_WORK FD_SANDBOX FD_LOG FD_FAILED FD_STATE \
-    FD_SHIM_DIR FD_REAL_PATH FD_BIN_DIR
+    FD_SHIM_DIR FD_REAL_PATH FD_BIN_DIR FD_PYTHON
 
 if [[ "$FD_SCENARIO" == "disabled" ]]; then
     processes="stack1 unstack1 clean"

@@ -15,7 +15,7 @@
 # run is reported as unknown instead of being run.
 #
 # Required on entry: FD_SANDBOX FD_LOG FD_FAILED FD_STATE FD_REAL_PATH
-# FD_BIN_DIR FD_PROCESS.
+# FD_BIN_DIR FD_PYTHON FD_PROCESS.
 
 FD_PHASE=${FD_PHASE:-harness}
 
@@ -553,6 +553,21 @@ function oslo-config-generator {
         _fd_check_write oslo-config-generator "$output"
     fi
     PYTHONDONTWRITEBYTECODE=1 _fd_real "$FD_BIN_DIR/oslo-config-generator" "$@"
+}
+
+
+# python3 (devstack's $PYTHON): the plugin may run only rapid-vmm's parser
+# of the grid of VM types with it, which really runs (the Python under test,
+# with the repository under test first on its path, as setup_develop would
+# install it); it only reads
+function python3 {
+    _fd_record q python3 "$@"
+    if [[ $# -ne 3 || "$1" != "-m" || "$2" != "rapid_vmm.flavors" ]]; then
+        _fd_fail "the plugin ran 'python3 $*': only 'python3 -m" \
+            "rapid_vmm.flavors GRID' is allowed"
+    fi
+    PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$FD_REPO${PYTHONPATH:+:$PYTHONPATH}" \
+        _fd_real "$FD_PYTHON" "$@"
 }
 
 

@@ -37,6 +37,8 @@ DEVSTACK_VARIABLES = {
     'PRIVATE_NETWORK_NAME': 'stackrc: the tenant network ("private")',
     'CIRROS_VERSION': 'stackrc: the CirrOS release of the default image',
     'CIRROS_ARCH': 'stackrc: the CirrOS architecture ($(uname -m))',
+    'PYTHON': 'stackrc and inc/python: the python3 devstack installs '
+              'into (the global virtualenv\'s with GLOBAL_VENV)',
     # stack.sh
     'ADMIN_PASSWORD': 'stack.sh read_password: keystone admin password '
                       '(read at configure time only: it is asked after '

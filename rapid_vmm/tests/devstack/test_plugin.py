@@ -61,11 +61,13 @@ def test_dry_run(tmp_path, scenario):
 
 @pytest.fixture
 def broken_repo(tmp_path):
-    """A copy of what the checker reads: devstack/, etc/, setup.cfg."""
+    """A copy of what the checker reads: devstack/, etc/, setup.cfg, and
+    the package (linked: the plugin runs its parser of the grid)."""
     repo = tmp_path / 'repo'
     shutil.copytree(os.path.join(REPO, 'devstack'), repo / 'devstack')
     shutil.copytree(os.path.join(REPO, 'etc'), repo / 'etc')
     shutil.copy(os.path.join(REPO, 'setup.cfg'), repo / 'setup.cfg')
+    (repo / 'rapid_vmm').symlink_to(os.path.join(REPO, 'rapid_vmm'))
     return repo
 
 
@@ -151,6 +153,17 @@ BROKEN = {
         '    iniset "$conf" libvirt images_path',
         '    echo x >"$conf.extra"\n    iniset "$conf" libvirt images_path',
         'redirection to \'"$conf.extra"\''),
+    'bad_grid': (
+        'libvirt', 'settings',
+        'RAPID_VMM_VM_TYPES=${RAPID_VMM_VM_TYPES:-"1,2,4 x 1024,2048,4096 '
+        'x 20,40"}',
+        'RAPID_VMM_VM_TYPES=${RAPID_VMM_VM_TYPES:-"1,2,4 x 1024"}',
+        "RAPID_VMM_VM_TYPES '1,2,4 x 1024' is not a grid of VM types"),
+    'grid_parsed_again': (
+        'nova', 'plugin.sh',
+        '"$python" -m rapid_vmm.flavors "$RAPID_VMM_VM_TYPES"',
+        '"$python" -c "print(1)" "$RAPID_VMM_VM_TYPES"',
+        "only 'python3 -m rapid_vmm.flavors GRID' is allowed"),
     'setting_without_default': (
         'static', 'settings',
         'RAPID_VMM_TOPIC=${RAPID_VMM_TOPIC:-rapid_vmm}',

@@ -1,5 +1,9 @@
 """Tests of rapid_vmm.flavors: the vm_types grid and request rounding."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from rapid_vmm import exception
@@ -192,3 +196,48 @@ def test_vm_type_is_frozen_and_ordered():
         small.vcpus = 2  # type: ignore[misc]
     assert small < flavors.VmType(1, 1024, 40) < flavors.VmType(2, 512, 0)
     assert hash(small) == hash(flavors.VmType(1, 1024, 20))
+
+
+# -- python -m rapid_vmm.flavors ---------------------------------------------
+
+
+def test_command_prints_every_type_in_order(capsys):
+    assert flavors.main(['1,2 x 1024,2048 x 20']) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        '1_1024_20 1 1024 20', '1_2048_20 1 2048 20',
+        '2_1024_20 2 1024 20', '2_2048_20 2 2048 20']
+
+
+def test_command_default_grid_has_the_18_types(capsys):
+    assert flavors.main([DEFAULT]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 18
+    grid = flavors.parse_grid(DEFAULT)
+    assert [line.split()[0] for line in lines] == [t.key for t in grid.types]
+
+
+@pytest.mark.parametrize('argv, status', [
+    (['1,2 x 1024'], 1), (['1 x 1024 x 20,x'], 1), (['2,1 x 1 x 1'], 1),
+    ([], 2), (['1 x 1 x 1', 'extra'], 2)])
+def test_command_refuses_with_one_line(capsys, argv, status):
+    assert flavors.main(argv) == status
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_command_as_a_module():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__)))))
+    ok = subprocess.run([sys.executable, '-m', 'rapid_vmm.flavors',
+                         '1 x 512 x 0'], cwd=root, capture_output=True,
+                        text=True, timeout=60, check=False)
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, '1_512_0 1 512 0\n',
+                                                     '')
+    bad = subprocess.run([sys.executable, '-m', 'rapid_vmm.flavors',
+                          'lots'], cwd=root, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert bad.returncode == 1
+    assert bad.stdout == ''
+    assert bad.stderr.startswith('rapid_vmm.flavors: Bad configuration: ')
+    assert len(bad.stderr.splitlines()) == 1

@@ -11,7 +11,6 @@ import psutil
 import pytest
 
 from rapid_vmm.monitor import host
-from rapid_vmm.tests.unit.monitor.utils import DATA
 from rapid_vmm.tests.unit.monitor.utils import records
 
 MIB = 1024 * 1024
@@ -134,99 +133,6 @@ def test_busy_percent_is_clamped():
                                  times(user=30, idle=-5)) == 100.0
 
 
-def test_parse_proc_stat_captured():
-    data = (DATA / 'proc_stat.txt').read_bytes()
-
-    cpu = host.parse_proc_stat(data, ticks=100)
-
-    # cpu  85043 0 22730 156708 2767 0 1003 1031 0 0
-    assert cpu == host.CpuTimes(850.43, 0.0, 227.3, 1567.08, 27.67, 0.0,
-                                10.03, 10.31, 0.0, 0.0)
-
-
-def test_parse_proc_stat_old_kernel_and_garbage():
-    cpu = host.parse_proc_stat(b'cpu 10 20 30 40\ncpu0 10 20 30 40\n',
-                               ticks=10)
-    assert cpu == host.CpuTimes(1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0,
-                                0.0, 0.0)
-    for bad in (b'', b'intr 1 2 3\n', b'cpu0 1 2 3 4\n', b'cpu 1 2\n',
-                b'cpu 1 2 x 4\n'):
-        with pytest.raises(ValueError):
-            host.parse_proc_stat(bad)
-
-
-def test_parse_meminfo_captured():
-    total, available = host.parse_meminfo(
-        (DATA / 'proc_meminfo.txt').read_bytes())
-
-    assert total == 24683656 * 1024
-    assert available == 23278460 * 1024
-
-
-def test_parse_meminfo_strict():
-    assert host.parse_meminfo(
-        b'MemTotal: 2 kB\nMemAvailable: 1 kB\n') == (2048, 1024)
-    for bad in (b'', b'MemTotal: 2 kB\n', b'MemTotal: 2 MB\n'
-                b'MemAvailable: 1 kB\n', b'MemTotal: x kB\n'
-                b'MemAvailable: 1 kB\n', b'XMemTotal: 2 kB\n'
-                b'MemAvailable: 1 kB\n'):
-        with pytest.raises(ValueError):
-            host.parse_meminfo(bad)
-
-
-def _stat_line(user, idle):
-    return f'cpu  {user} 0 0 {idle} 0 0 0 0 0 0\ncpu0 1 1 1 1\n'
-
-
-def test_window_logic_from_proc(conf, monkeypatch, tmp_path):
-    stat = tmp_path / 'stat'
-    monkeypatch.setattr(host, 'PROC_STAT', str(stat))
-    monkeypatch.setattr(host, '_CLOCK_TICKS', 100)
-    clock = Clock()
-    stat.write_text(_stat_line(10000, 90000))
-    monitor = host.HostMonitor(conf, clock=clock)
-
-    stat.write_text(_stat_line(10500, 91500))
-    clock.now += 10
-    sample = monitor.sample()
-
-    assert sample['cpu_load_percent'] == 25.0
-    assert sample['cpu_load_window_s'] == 10.0
-
-
-def test_unusable_proc_stat_falls_back_to_psutil(conf, monkeypatch,
-                                                 tmp_path, log):
-    stat = tmp_path / 'stat'
-    stat.write_text('garbage\n')
-    monkeypatch.setattr(host, 'PROC_STAT', str(stat))
-    counters = FakeCpuTimes(times(user=100, idle=900),
-                            times(user=150, idle=1050))
-    monkeypatch.setattr(psutil, 'cpu_times', counters)
-    clock = Clock()
-    monitor = host.HostMonitor(conf, clock=clock)
-
-    clock.now += 10
-    assert monitor.sample()['cpu_load_percent'] == 25.0
-    clock.now += 10
-    monitor.sample()
-
-    assert counters.calls == 3
-    assert len(records(log, 'CPU times from psutil from now on')) == 1
-
-
-def test_proc_and_psutil_agree(conf):
-    from_proc = host.HostMonitor(conf)._cpu_times()
-    from_psutil = psutil.cpu_times()
-    for field in ('user', 'system', 'idle', 'iowait', 'steal'):
-        assert getattr(from_proc, field) == pytest.approx(
-            getattr(from_psutil, field), abs=2.0)
-    total, available = host.parse_meminfo(
-        host.read_proc_file(host.PROC_MEMINFO))
-    memory = psutil.virtual_memory()
-    assert total == memory.total
-    assert abs(available - memory.available) < memory.total / 20
-
-
 def test_window_logic(conf, monkeypatch):
     clock = Clock()
     counters = FakeCpuTimes(
@@ -235,8 +141,7 @@ def test_window_logic(conf, monkeypatch):
         times(user=300, idle=1100),     # t+20: 150 busy of 200
     )
     monkeypatch.setattr(psutil, 'cpu_times', counters)
-    monitor = host.HostMonitor(conf, min_cpu_window=1.0, clock=clock,
-                               use_proc=False)
+    monitor = host.HostMonitor(conf, min_cpu_window=1.0, clock=clock)
 
     clock.now += 10
     first = monitor.sample()
@@ -261,8 +166,7 @@ def test_window_shorter_than_the_minimum_at_start(conf, monkeypatch):
                             times(user=150, idle=350))
     monkeypatch.setattr(psutil, 'cpu_times', counters)
     monkeypatch.setattr(psutil, 'boot_time', lambda: time.time() - 4000)
-    monitor = host.HostMonitor(conf, min_cpu_window=1.0, clock=clock,
-                               use_proc=False)
+    monitor = host.HostMonitor(conf, min_cpu_window=1.0, clock=clock)
 
     clock.now += 0.1
     early = monitor.sample()
@@ -278,7 +182,7 @@ def test_window_shorter_than_the_minimum_at_start(conf, monkeypatch):
 
 
 def test_cpu_times_error_is_none_and_logged_once(conf, monkeypatch, log):
-    monitor = host.HostMonitor(conf, min_cpu_window=0.0, use_proc=False)
+    monitor = host.HostMonitor(conf, min_cpu_window=0.0)
 
     def broken():
         raise OSError(5, 'Input/output error')
@@ -299,38 +203,10 @@ def test_memory_free_is_available_not_memfree(conf, monkeypatch):
     monkeypatch.setattr(psutil, 'virtual_memory',
                         lambda: fake(8192 * MIB, 6000 * MIB, 512 * MIB))
 
-    sample = host.HostMonitor(conf, use_proc=False).sample()
+    sample = host.HostMonitor(conf).sample()
 
     assert sample['memory_total_mb'] == 8192
     assert sample['memory_free_mb'] == 6000
-
-
-def test_memory_from_proc_is_available_not_memfree(conf, monkeypatch):
-    monkeypatch.setattr(host, 'PROC_MEMINFO', str(DATA / 'proc_meminfo.txt'))
-
-    sample = host.HostMonitor(conf).sample()
-
-    # MemTotal 24683656 kB, MemFree 22355388 kB, MemAvailable 23278460 kB
-    assert sample['memory_total_mb'] == 24683656 // 1024
-    assert sample['memory_free_mb'] == 23278460 // 1024
-
-
-def test_meminfo_without_memavailable_falls_back_to_psutil(
-        conf, monkeypatch, tmp_path, log):
-    old = tmp_path / 'meminfo'
-    old.write_bytes(b''.join(
-        line for line in (DATA / 'proc_meminfo.txt').read_bytes()
-        .splitlines(keepends=True) if not line.startswith(b'MemAvailable')))
-    monkeypatch.setattr(host, 'PROC_MEMINFO', str(old))
-    fake = collections.namedtuple('svmem', 'total available free')
-    monkeypatch.setattr(psutil, 'virtual_memory',
-                        lambda: fake(8192 * MIB, 6000 * MIB, 512 * MIB))
-    monitor = host.HostMonitor(conf)
-
-    for _ in range(3):
-        assert monitor.sample()['memory_free_mb'] == 6000
-    assert len(records(log, 'memory from psutil from now on',
-                       logging.WARNING)) == 1
 
 
 # -- disk ---------------------------------------------------------------------
@@ -382,12 +258,12 @@ def test_instance_disks_on_their_own_filesystem(conf, tmp_path):
 
 def test_disk_error_is_none_logged_once_and_recovers(conf, monkeypatch,
                                                      log):
-    real = os.statvfs
+    real = psutil.disk_usage
 
     def denied(path):
         raise PermissionError(13, 'Permission denied', path)
 
-    monkeypatch.setattr(os, 'statvfs', denied)
+    monkeypatch.setattr(psutil, 'disk_usage', denied)
     monitor = host.HostMonitor(conf)
 
     for _ in range(3):
@@ -398,7 +274,7 @@ def test_disk_error_is_none_logged_once_and_recovers(conf, monkeypatch,
     assert filesystem['total_gb'] is None and filesystem['free_gb'] is None
     assert filesystem['roles'] == ['images', 'data']
 
-    monkeypatch.setattr(os, 'statvfs', real)
+    monkeypatch.setattr(psutil, 'disk_usage', real)
     assert monitor.sample()['disk_total_gb'] > 0
     assert len(records(log, 'Cannot measure the filesystem',
                        logging.WARNING)) == 1

@@ -229,19 +229,80 @@ def test_failed_resize_removes_partial_copy(images, qcow2_template,
                                             monkeypatch):
     store = backend(images, 'copy')
     path = store.disk_path('rapid-vm-12')
-    real_execute = imagebackend.processutils.execute
+    real = imagebackend.qemu_img
 
     def failing_resize(*args, **kwargs):
-        if 'resize' in args:
-            raise imagebackend.processutils.ProcessExecutionError(
-                exit_code=1, stderr='no space', cmd='qemu-img resize')
-        return real_execute(*args, **kwargs)
+        if args[0] == 'resize':
+            raise imagebackend.QemuImgError('qemu-img resize exited with 1: '
+                                            'no space')
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(imagebackend.processutils, 'execute',
-                        failing_resize)
+    monkeypatch.setattr(imagebackend, 'qemu_img', failing_resize)
     with pytest.raises(exception.DriverError, match='no space'):
         store.create(qcow2_template, path, 5)
     assert os.listdir(images) == []
+
+
+@pytest.mark.parametrize('mode', ['overlay', 'copy'])
+def test_existing_disk_is_never_overwritten(images, qcow2_template, mode):
+    # qemu-img create truncates an existing file: the name is reserved
+    # (O_EXCL) before it runs.
+    store = backend(images, mode)
+    path = store.disk_path('rapid-vm-15')
+    with open(path, 'wb') as stream:
+        stream.write(b'SOMEONE ELSE')
+    with pytest.raises(exception.DriverError, match='exists already'):
+        store.create(qcow2_template, path, 1)
+    with open(path, 'rb') as stream:
+        assert stream.read() == b'SOMEONE ELSE'
+
+
+def test_overlay_passes_qemu_img_check(images, qcow2_template):
+    store = backend(images)
+    path = store.disk_path('rapid-vm-16')
+    store.create(qcow2_template, path, 8)
+    check = subprocess.run(['qemu-img', 'check', '--output=json', path],
+                           capture_output=True, text=True, check=True)
+    report = json.loads(check.stdout)
+    assert report.get('corruptions', 0) == 0
+    assert report.get('leaks', 0) == 0
+
+
+def test_template_name_with_shell_characters(tmp_path, images):
+    # No shell: the name reaches qemu-img as one argument, nothing runs.
+    odd = tmp_path / 'tmpl; touch INJECTED $(id) `id`.qcow2'
+    make_image(odd, 'qcow2', 64 * MiB)
+    store = backend(images)
+    path = store.disk_path('rapid-vm-17')
+    store.create(str(odd), path, 1)
+    assert qemu_img_info(path)['backing-filename'] == str(odd)
+    assert not list(tmp_path.glob('INJECTED*'))
+    assert not os.path.exists('INJECTED')
+
+
+def test_qemu_img_timeout_is_bounded(tmp_path, monkeypatch):
+    slow = tmp_path / 'slow-qemu-img'
+    slow.write_text('#!/bin/sh\nsleep 30\n')
+    slow.chmod(0o755)
+    monkeypatch.setattr(imagebackend, 'QEMU_IMG', str(slow))
+    with pytest.raises(imagebackend.QemuImgError, match=r'within 0\.5 s'):
+        imagebackend.qemu_img('info', 'x', timeout=0.5)
+
+
+def test_qemu_img_missing_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(imagebackend, 'QEMU_IMG', str(tmp_path / 'none'))
+    with pytest.raises(imagebackend.QemuImgError, match='cannot run'):
+        imagebackend.qemu_img('--version')
+
+
+def test_resize_grows_and_reports_failure(images, qcow2_template):
+    store = backend(images, 'copy')
+    path = store.disk_path('rapid-vm-18')
+    store.create(qcow2_template, path, 0)
+    store.resize(path, 3 * GiB, 'qcow2')
+    assert qemu_img_info(path)['virtual-size'] == 3 * GiB
+    with pytest.raises(exception.DriverError, match='resize disk'):
+        store.resize(str(images / 'missing.qcow2'), GiB)
 
 
 def test_qemu_img_info_of_garbage(tmp_path):
