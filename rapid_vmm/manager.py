@@ -391,13 +391,26 @@ class VmmManager:
             self.notifier.host_report({}, resources)
             self.driver.sample_cpu([vm for vm in vms if _measurable(vm)])
         except Exception:
-            LOG.exception('Resource report failed')
+            self._log_failure('Resource report failed')
 
     def _on_driver_event(self, name: str | None, event: str) -> None:
+        """A hypervisor event: reconcile soon, if it is about one of ours.
+
+        Events of other domains (the hypervisor may be shared) are dropped
+        here; instances of ours that no record knows yet are found by the
+        periodic pass.
+        """
+        if event not in ('reconnected', 'stopped', 'undefined', 'suspended',
+                         'resumed', 'crashed', 'shutdown', 'started'):
+            return
+        try:
+            if name is not None and not any(vm.name == name for vm in
+                                            self.store.list_vms()):
+                return
+        except exception.StateError:
+            return  # stopping: the store is closed
         LOG.debug('Driver event %s for %s', event, name)
-        if event in ('reconnected', 'stopped', 'undefined', 'suspended',
-                     'resumed', 'crashed', 'shutdown', 'started'):
-            self.request_reconcile()
+        self.request_reconcile()
 
     def request_reconcile(self) -> None:
         """Ask the reconcile loop to run soon (events call this)."""
@@ -424,14 +437,22 @@ class VmmManager:
                 self.lifecycle.ensure_helpers()
                 self.scan_orphan_disks()
         except Exception:
-            LOG.exception('Periodic reconciliation failed')
+            self._log_failure('Periodic reconciliation failed')
 
     def ensure_helpers(self) -> None:
         """Keep the helper VMs (its own thread at start-up)."""
         try:
             self.lifecycle.ensure_helpers()
         except Exception:
-            LOG.exception('Keeping the helper VMs failed')
+            self._log_failure('Keeping the helper VMs failed')
+
+    def _log_failure(self, what: str) -> None:
+        """Log a failed periodic duty; one cut short by the agent's stop
+        (its store closed under it) is not an error."""
+        if self.stopping:
+            LOG.debug('%s while stopping', what, exc_info=True)
+        else:
+            LOG.exception(what)
 
     def scan_orphan_disks(self, force: bool = False) -> list[str]:
         """The driver's delayed orphan-disk job, every

@@ -57,6 +57,45 @@ def worker_pool(max_workers: int | None = None, **kwargs):
     return ShrinkingThreadPool(max_workers=max_workers, **kwargs)
 
 
+#: VMM API methods that never wait for a VM, an AS or a user's lock. They
+#: get a pool of their own: any number of starts waiting for their AS can
+#: then never keep that AS from registering (``as_register``,
+#: ``as_confirm``) or a caller from reading.
+QUICK_METHODS = frozenset({'as_register', 'as_confirm', 'get_vm_info',
+                           'get_vm_usage', 'get_host_status'})
+
+
+class ApiExecutor:
+    """The worker pools of the VMM API's RPC server.
+
+    ``max_workers`` (``max_concurrent_requests``) threads serve the
+    lifecycle methods; a smaller pool serves :data:`QUICK_METHODS`.
+    oslo.messaging hands every request to one executor; this one picks
+    the pool by the request's method name.
+    """
+
+    def __init__(self, max_workers: int | None = None):
+        size = max_workers or 100
+        self.lifecycle = worker_pool(size)
+        self.quick = worker_pool(max(4, min(32, size // 4)))
+
+    def submit(self, fn, *args, **kwargs):
+        return self._pool_of(args).submit(fn, *args, **kwargs)
+
+    def _pool_of(self, args: tuple):
+        try:
+            incoming = args[0]
+            message = incoming[0] if isinstance(incoming, list) else incoming
+            method = message.message.get('method')
+        except (IndexError, AttributeError, TypeError):
+            return self.lifecycle
+        return self.quick if method in QUICK_METHODS else self.lifecycle
+
+    def shutdown(self, wait: bool = True, **kwargs) -> None:
+        self.lifecycle.shutdown(wait=wait, **kwargs)
+        self.quick.shutdown(wait=wait, **kwargs)
+
+
 def maintain_pools() -> None:
     """Retire idle worker threads of every RPC server's pool."""
     for pool in list(ShrinkingThreadPool._instances):
@@ -166,7 +205,7 @@ def get_server(conf: cfg.ConfigOpts, transport: messaging.Transport,
             access_policy=messaging.DefaultRPCAccessPolicy)
     conf.set_override('executor_thread_pool_size', pool_size)
     if getattr(server, '_executor_cls', None) is futurist.ThreadPoolExecutor:
-        server._executor_cls = worker_pool
+        server._executor_cls = ApiExecutor if explicit else worker_pool
     else:
         LOG.debug('RPC server executor %r kept',
                   getattr(server, '_executor_cls', None))

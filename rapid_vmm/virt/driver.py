@@ -14,11 +14,14 @@ import abc
 from collections.abc import Callable
 import dataclasses
 import enum
+import threading
+import time
 from typing import Any
 
 from oslo_config import cfg
 from oslo_log import log as logging
 import stevedore
+import tenacity
 
 from rapid_vmm import exception
 from rapid_vmm import flavors
@@ -148,6 +151,8 @@ class ComputeDriver(abc.ABC):
 
     def __init__(self, conf: cfg.ConfigOpts):
         self.conf = conf
+        #: Set when the agent stops: every wait of the driver ends.
+        self._stopping = threading.Event()
 
     @classmethod  # noqa: B027 - optional hook
     def validate_config(cls, conf: cfg.ConfigOpts) -> None:
@@ -316,6 +321,26 @@ class ComputeDriver(abc.ABC):
         ``connected to URI since <ISO time>`` or ``reconnecting to URI
         since <ISO time> (N failed attempts; last error: ...)``."""
         return 'unknown'
+
+
+def poll(func: Callable[[], Any], timeout: float, interval: float,
+         stopping: threading.Event | None = None) -> Any:
+    """Call ``func`` every ``interval`` s until it returns something else
+    than None, for at most ``timeout`` s; that value, or None.
+
+    Stop-aware: ``stopping`` (the driver's stop) ends the wait at once.
+    ``timeout`` 0 calls ``func`` once.
+    """
+    stops = tenacity.stop_after_delay(max(timeout, 0))
+    sleep = time.sleep
+    if stopping is not None:
+        stops = stops | tenacity.stop_when_event_set(stopping)
+        sleep = stopping.wait
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda result: result is None),
+        wait=tenacity.wait_fixed(interval), stop=stops, sleep=sleep,
+        retry_error_callback=lambda retry_state: None)
+    return retrying(func)
 
 
 def driver_name(conf: cfg.ConfigOpts) -> str:

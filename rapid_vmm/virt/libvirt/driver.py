@@ -51,6 +51,9 @@ LOG = logging.getLogger(__name__)
 libvirt = vhost.libvirt
 
 GiB = 1024 ** 3
+
+#: Seconds between two looks for a new VM's address.
+IP_POLL_INTERVAL = 0.1
 Presence = driver.Presence
 
 #: Seconds after which a cached CPU sample is too old to compute a rate.
@@ -185,6 +188,7 @@ class LibvirtDriver(driver.ComputeDriver):
             current = parent
 
     def cleanup_host(self) -> None:
+        self._stopping.set()
         if self._pool is not None:
             self._pool.stop()
         if self._host is not None:
@@ -773,19 +777,15 @@ class LibvirtDriver(driver.ComputeDriver):
                     timeout: float | None = None) -> str:
         if timeout is None:
             timeout = self.conf.libvirt.ip_timeout
-        deadline = time.monotonic() + timeout
-        delay = 0.2
-        while True:
-            ip = self._find_ip(vm)
-            if ip:
-                return ip
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise exception.DriverError(
-                    action='find IP address',
-                    reason=f'{vm.name} has no address after {timeout} s')
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 2.0)
+        # A lease is a local question to libvirtd: poll it often, so the
+        # agent sees the address when the guest got it, not seconds later.
+        ip = driver.poll(lambda: self._find_ip(vm) or None, timeout,
+                         IP_POLL_INTERVAL, self._stopping)
+        if not ip:
+            raise exception.DriverError(
+                action='find IP address',
+                reason=f'{vm.name} has no address after {timeout} s')
+        return ip
 
     def _find_ip(self, vm: objects.Vm) -> str | None:
         if self.conf.libvirt.ip_command:

@@ -17,7 +17,6 @@ import os
 import threading
 import uuid
 
-from oslo_concurrency import processutils
 from oslo_log import log as logging
 
 from rapid_vmm import exception
@@ -100,14 +99,10 @@ class ImagePool:
         self._wakeup.set()
         if size_gb > self.size_gb:
             try:
-                processutils.execute(
-                    'qemu-img', 'resize', '-q', path,
-                    str(size_gb * imagebackend.GiB),
-                    timeout=imagebackend.QEMU_IMG_TIMEOUT)
-            except (processutils.ProcessExecutionError, OSError) as exc:
+                self.images.resize(path, size_gb * imagebackend.GiB)
+            except exception.DriverError:
                 self.images.delete(path)
-                raise exception.DriverError(
-                    action='grow pool disk', reason=f'{path}: {exc}') from exc
+                raise
         LOG.debug('Took pool disk %s for %s', source, path)
         return True
 

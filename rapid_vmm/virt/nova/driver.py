@@ -230,6 +230,7 @@ class NovaDriver(driver.ComputeDriver):
                 reason=f'[nova] cannot build a connection: {exc}') from exc
 
     def cleanup_host(self) -> None:
+        self._stopping.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._conn is not None:
             try:
@@ -327,12 +328,13 @@ class NovaDriver(driver.ComputeDriver):
         except _CLOUD_ERRORS as exc:
             self._note(exc)
             raise translate(f'create flavor {wanted}', exc) from exc
-        for delay in (0, 0.5, 1, 2):
-            time.sleep(delay)
-            flavor = self._call('choose a flavor', self.compute.find_flavor,
-                                wanted, ignore_missing=True)
-            if flavor is not None:
-                return flavor
+        # Nova answers 409 before the other creator's flavor is listed.
+        flavor = driver.poll(
+            lambda: self._call('choose a flavor', self.compute.find_flavor,
+                               wanted, ignore_missing=True), 4, 0.5,
+            self._stopping)
+        if flavor is not None:
+            return flavor
         raise exception.DriverError(
             action='choose a flavor',
             reason=f'flavor {wanted!r} exists (Nova said 409) but cannot be '
@@ -720,17 +722,13 @@ class NovaDriver(driver.ComputeDriver):
                     timeout: float | None = None) -> str:
         if timeout is None:
             timeout = self.conf.nova.boot_timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            ip = self._ip_from_ports(vm)
-            if ip:
-                return ip
-            if time.monotonic() >= deadline:
-                raise exception.DriverError(
-                    action='find IP address',
-                    reason=f'{vm.name} has no fixed IP after {timeout} s')
-            time.sleep(min(POLL_INTERVAL, max(deadline - time.monotonic(),
-                                              0)))
+        ip = driver.poll(lambda: self._ip_from_ports(vm) or None, timeout,
+                         POLL_INTERVAL, self._stopping)
+        if not ip:
+            raise exception.DriverError(
+                action='find IP address',
+                reason=f'{vm.name} has no fixed IP after {timeout} s')
+        return ip
 
     def _ip_from_ports(self, vm: objects.Vm) -> str | None:
         if not vm.driver_id:
