@@ -391,7 +391,13 @@ class VmmManager:
             self.notifier.host_report({}, resources)
             self.driver.sample_cpu([vm for vm in vms if _measurable(vm)])
         except Exception:
-            self._log_failure('Resource report failed')
+            # One cut short by the agent's stop (its store closed under
+            # it) is not an error.
+            if self.stopping:
+                LOG.debug('Resource report failed while stopping',
+                          exc_info=True)
+            else:
+                LOG.exception('Resource report failed')
 
     def _on_driver_event(self, name: str | None, event: str) -> None:
         """A hypervisor event: reconcile soon, if it is about one of ours.
@@ -437,22 +443,26 @@ class VmmManager:
                 self.lifecycle.ensure_helpers()
                 self.scan_orphan_disks()
         except Exception:
-            self._log_failure('Periodic reconciliation failed')
+            # One cut short by the agent's stop (its store closed under
+            # it) is not an error.
+            if self.stopping:
+                LOG.debug('Periodic reconciliation failed while stopping',
+                          exc_info=True)
+            else:
+                LOG.exception('Periodic reconciliation failed')
 
     def ensure_helpers(self) -> None:
         """Keep the helper VMs (its own thread at start-up)."""
         try:
             self.lifecycle.ensure_helpers()
         except Exception:
-            self._log_failure('Keeping the helper VMs failed')
-
-    def _log_failure(self, what: str) -> None:
-        """Log a failed periodic duty; one cut short by the agent's stop
-        (its store closed under it) is not an error."""
-        if self.stopping:
-            LOG.debug('%s while stopping', what, exc_info=True)
-        else:
-            LOG.exception(what)
+            # One cut short by the agent's stop (its store closed under
+            # it) is not an error.
+            if self.stopping:
+                LOG.debug('Keeping the helper VMs failed while stopping',
+                          exc_info=True)
+            else:
+                LOG.exception('Keeping the helper VMs failed')
 
     def scan_orphan_disks(self, force: bool = False) -> list[str]:
         """The driver's delayed orphan-disk job, every
