@@ -237,7 +237,7 @@ class VmmManager:
                   reason: str = 'remove_vm') -> None:
         self.lifecycle.remove(ctxt, user_id, reason)
 
-    def get_vm_info(self, ctxt: dict, user_id: int | None) -> list:
+    def get_vm_info(self, ctxt: dict, user_id: int | None = None) -> list:
         if user_id is None:
             return [record_of(vm) for vm in self.store.list_vms()]
         vm = self.store.get_vm(user_id)
@@ -246,7 +246,7 @@ class VmmManager:
         return [record_of(vm)]
 
     def get_vm_usage(self, ctxt: dict, resource: str,
-                     user_id: int | None) -> list:
+                     user_id: int | None = None) -> list:
         """Usage per VM, every VM on the hypervisor in one bulk call."""
         if user_id is not None:
             vm = self.store.get_vm(user_id)
@@ -354,8 +354,9 @@ class VmmManager:
             'as_waits': self.handshake.waiting(),
             'vms': [{'user_id': vm.user_id, 'name': vm.name,
                      'vm_id': vm.vm_id, 'status': int(vm.status),
-                     'task_state': vm.task_state, 'intent': vm.intent,
-                     'state_reason': vm.state_reason,
+                     'task_state': vm.task_state or '(none)',
+                     'intent': vm.intent,
+                     'state_reason': vm.state_reason or '-',
                      'busy': self.locks.busy(vm.user_id)} for vm in vms],
         }
 

@@ -51,9 +51,16 @@ rpc_opts = [
                help='How this VMM talks to the Directory Server and the '
                     'SLA Manager.'),
     cfg.IntOpt('peer_call_timeout', default=10, min=1,
-               help='Seconds a call to the Directory Server or the SLA '
-                    'Manager may take before it is given up and retried '
-                    'later.'),
+               help='Seconds to reach the Directory Server or the SLA '
+                    'Manager: a TCP connection of the legacy protocol, the '
+                    'wait for the DS id of a new VM before start_vm '
+                    'answers (at most 2 s of it).'),
+    cfg.IntOpt('peer_reply_timeout', default=60, min=1,
+               help='Seconds a message to the DS or the SLAM waits for the '
+                    'peer\'s answer (its acknowledgement) before it counts '
+                    'as not delivered and is sent again. Longer than the '
+                    'slowest peer, or a slow DS would get a message (and a '
+                    'VM registration) twice.'),
     cfg.IntOpt('outbox_retry_max_interval', default=30, min=1,
                help='Upper bound, in seconds, of the exponential back-off '
                     'between two attempts to deliver a message of the '

@@ -25,17 +25,21 @@ from rapid_vmm.legacy import codec
 def exchange(peer: str, method: str, address: tuple[str, int],
              frame: bytes, timeout: float,
              read_reply: Callable[[codec.Reader], Any] | None = None,
-             limits: codec.Limits = codec.DEFAULT_LIMITS) -> Any:
+             limits: codec.Limits = codec.DEFAULT_LIMITS,
+             connect_timeout: float | None = None) -> Any:
     """Send ``frame`` (a whole stream, header first) and read the reply.
 
     :param read_reply: reads the reply after the peer's header; None for a
         notification: the peer then only has to close the connection (the
         original DS closes it once it handled the message).
+    :param timeout: bounds the whole exchange.
+    :param connect_timeout: bounds the connection (default ``timeout``).
     :returns: what ``read_reply`` returns (None for a notification).
     """
     deadline = time.monotonic() + timeout
     try:
-        sock = socket.create_connection(address, timeout=timeout)
+        sock = socket.create_connection(
+            address, timeout=min(connect_timeout or timeout, timeout))
     except OSError as exc:
         raise exception.PeerUnavailable(
             peer=peer, method=method,

@@ -9,7 +9,7 @@ implement too, so the reporter and the outbox do not know which protocol
 runs.
 
 One connection per message, as the originals do, every step bounded by
-``peer_call_timeout``. What the original DS does, and what it means here:
+``peer_reply_timeout`` (connecting: ``peer_call_timeout``). What the original DS does, and what it means here:
 
 * ``VMM_REGISTER``: ERROR until a SLAM has registered with the DS, and to
   a second registration from an IP it knows -> ``PeerRejected`` (the
@@ -54,8 +54,9 @@ class _LegacyPeer:
                 peer=self.peer, method=method,
                 reason='its address is not known yet')
         return client.exchange(self.peer, method, address, frame,
-                               self.conf.peer_call_timeout, read_reply,
-                               self.limits)
+                               self.conf.peer_reply_timeout, read_reply,
+                               self.limits,
+                               connect_timeout=self.conf.peer_call_timeout)
 
     def _reject(self, method: str, reason: str) -> exception.PeerRejected:
         return exception.PeerRejected(peer=self.peer, method=method,

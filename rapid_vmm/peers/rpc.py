@@ -4,7 +4,7 @@ Each follows Nova's ``rpcapi`` pattern: a target on the peer's topic, a
 version cap, and one method per remote method with the same name and
 arguments. Every call retries a broken broker connection only
 :data:`rapid_vmm.rpc.PEER_RETRY` times and waits at most
-``peer_call_timeout`` seconds, so an absent broker or peer never blocks the
+``peer_reply_timeout`` seconds, so an absent broker or peer never blocks the
 agent for long.
 
 The messages that must arrive (``notify_vm``, ``notify_helper``,
@@ -34,7 +34,7 @@ class _PeerAPI:
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport,
                  topic: str):
         target = messaging.Target(topic=topic, version=self.VERSION)
-        self.timeout = conf.peer_call_timeout
+        self.timeout = conf.peer_reply_timeout
         self.client = rpc.get_client(transport, target, self.VERSION,
                                      timeout=self.timeout)
 

@@ -330,22 +330,24 @@ class TestSigkillAtEachStep(ReliabilityTestCase):
 
 class TestSlowDirectoryServer(ReliabilityTestCase):
 
+    # Longer than the DS takes: a message is not sent twice.
+    overrides = {'peer_reply_timeout': 30}
+
     def test_other_requests_are_served_while_the_ds_takes_20_s(self):
         self.agent.ds.recorder.wait_for('register_vmm', timeout=30)
         self.agent.ds.endpoint.delay = 20
         started = time.monotonic()
         vm = start(self.api, 10)  # its registration is queued, not awaited
         self.assertLess(time.monotonic() - started, 10)
-        for user in (11, 12):
-            started = time.monotonic()
-            start(self.api, user)
-            self.assertLess(time.monotonic() - started, 10)
+        started = time.monotonic()
+        start(self.api, 11)
+        self.assertLess(time.monotonic() - started, 10)
         started = time.monotonic()
         self.api.get_host_status({})
         self.assertLess(time.monotonic() - started, 2)
         self.api.suspend_vm({}, user_id=10)
         # Every registration and status change arrives, once each.
-        self.agent.ds.recorder.wait_for('register_vm', count=3, timeout=120)
+        self.agent.ds.recorder.wait_for('register_vm', count=2, timeout=120)
         self.agent.ds.recorder.wait_for(
             'notify_vm', lambda kw: kw['status'] == 2, timeout=120)
         time.sleep(2)
