@@ -8,6 +8,12 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$REPO/tools/setup-env.sh"
+# The functional tests use libvirtd's test driver (test+unix:///default)
+# and the system tests real guests: libvirtd must run (root only; the
+# script installs and starts it when it is not there).
+if [ "$(id -u)" -eq 0 ]; then
+    bash "$REPO/tools/system/setup-host.sh"
+fi
 VENV=${RAPID_VMM_VENV:-$REPO/.venv}
 cd "$REPO"
 if [ "$#" -eq 0 ]; then

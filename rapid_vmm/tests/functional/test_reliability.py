@@ -284,7 +284,7 @@ class TestSigkillAtEachStep(ReliabilityTestCase):
                 self.assertEqual(1, registered.count(vm['vm_id']))
 
     def test_start_vm(self):
-        quick = dict(timeout=20)
+        quick = dict(timeout=8)
         for user, point in enumerate(p for p in faults.POINTS
                                      if p.startswith('start.')):
             self._crash_at(point, lambda u=100 + user: self.api.client
@@ -302,7 +302,7 @@ class TestSigkillAtEachStep(ReliabilityTestCase):
         self.registered(200)
         for point in ('resize.recorded', 'resize.resized'):
             self._crash_at(point, lambda: self.api.client.prepare(
-                timeout=20).call({}, 'change_flavor', user_id=200,
+                timeout=8).call({}, 'change_flavor', user_id=200,
                                  vcpus=2))
             vm = self.api.get_vm_info({}, user_id=200)[0]
             self.assertIn(vm['vcpus'], (1, 2))
@@ -319,7 +319,7 @@ class TestSigkillAtEachStep(ReliabilityTestCase):
                                       'remove.destroyed')):
             vm = self.registered(start(self.api, 300 + user)['user_id'])
             self._crash_at(point, lambda u=300 + user: self.api.client
-                           .prepare(timeout=20).call({}, 'remove_vm',
+                           .prepare(timeout=8).call({}, 'remove_vm',
                                                      user_id=u))
             self.assertEqual([], [v for v in self.api.get_vm_info({})
                                   if v['user_id'] == 300 + user])

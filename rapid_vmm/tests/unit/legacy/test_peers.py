@@ -186,7 +186,8 @@ class _Silent:
 
 def test_silent_ds_is_unavailable_within_the_bound():
     silent = _Silent()
-    fixture = make_conf(silent.port, peer_call_timeout=1)
+    fixture = make_conf(silent.port, peer_call_timeout=1,
+                        peer_reply_timeout=1)
     try:
         client = legacy_peers.DirectoryServerClient(fixture.conf)
         for call in (lambda: register(client),
