@@ -303,3 +303,43 @@ class CapacityBugTest(testtools.TestCase):
             [vm(1, vcpus=1, memory_mb=2560000)], flavors.VmType(1, 1024, 20))
         self.assertIn('2560000 allowed', str(error))
 
+
+
+# -- what one VM holds (issue 8: ceilings, resizes, saved VMs) ----------------
+
+
+def _vm(**fields):
+    values = dict(user_id=1, name='rapid-vm-1', vcpus=2, memory_mb=1024,
+                  disk_gb=20)
+    values.update(fields)
+    return objects.Vm(**values)
+
+
+def test_memory_is_accounted_at_the_ceiling():
+    held = capacity.held_by(_vm(memory_max_mb=4096))
+    assert (held.vcpus, held.memory_mb, held.disk_gb) == (2, 4096, 20)
+    assert capacity.held_by(_vm(memory_max_mb=0)).memory_mb == 1024
+
+
+def test_a_resize_holds_the_larger_of_both_sizes():
+    resizing = _vm(intent={'op': 'resize', 'from': [2, 1024, 20],
+                           'to': [4, 512, 40]})
+    held = capacity.held_by(resizing)
+    assert (held.vcpus, held.memory_mb, held.disk_gb) == (4, 1024, 40)
+
+
+def test_a_saved_vm_holds_no_memory_a_paused_one_does():
+    saved = _vm(status=objects.VmStatus.SUSPENDED, saved=True)
+    paused = _vm(status=objects.VmStatus.SUSPENDED, saved=False)
+    assert capacity.held_by(saved).memory_mb == 0
+    assert capacity.held_by(saved).vcpus == 2
+    assert capacity.held_by(paused).memory_mb == 1024
+
+
+def test_check_accounts_a_ceiling_above_the_type():
+    limits = capacity.Limits(vcpus=8, memory_mb=3000, disk_gb=100,
+                             gpu_cores=0)
+    small = flavors.VmType(1, 1024, 20)
+    capacity.check(limits, [], small)
+    with pytest.raises(exception.NoCapacity):
+        capacity.check(limits, [], small, memory_mb=4096)
