@@ -217,15 +217,9 @@ class VmmManager:
     def _await_ds_id(self, vm: objects.Vm) -> None:
         """Give the outbox a moment to register a new VM with the DS, so
         the reply usually carries its DS id (never waits long)."""
-        deadline = time.monotonic() + min(self.conf.peer_call_timeout, 2)
-        while vm.vm_id is None and time.monotonic() < deadline and \
-                self.reporter.vmm_id is not None and not self.stopping:
-            current = self.store.get_vm(vm.user_id)
-            if current is None or current.name != vm.name:
-                return
-            vm.vm_id = current.vm_id
-            if vm.vm_id is None:
-                self._stopping.wait(0.02)
+        if vm.vm_id is None and self.reporter.vmm_id is not None:
+            vm.vm_id = self.outbox.wait_for_vm_id(
+                vm.name, min(self.conf.peer_call_timeout, 2))
 
     def resume_vm(self, ctxt: dict, user_id: int) -> dict:
         return record_of(self.lifecycle.resume(ctxt, user_id))
@@ -411,8 +405,7 @@ class VmmManager:
                          'resumed', 'crashed', 'shutdown', 'started'):
             return
         try:
-            if name is not None and not any(vm.name == name for vm in
-                                            self.store.list_vms()):
+            if name is not None and self.store.get_vm_by_name(name) is None:
                 return
         except exception.StateError:
             return  # stopping: the store is closed
@@ -510,8 +503,7 @@ class VmmManager:
 
     def _on_vm_id(self, vm_key: str, vm_id: int) -> None:
         """The DS id of a VM is known: keep it in the instance too."""
-        vm = next((v for v in self.store.list_vms() if v.name == vm_key),
-                  None)
+        vm = self.store.get_vm_by_name(vm_key)
         if vm is None or vm.driver_id is None:
             return
         try:

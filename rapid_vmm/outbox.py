@@ -149,6 +149,8 @@ class Outbox:
             lane: None for lane in LANES}
         self.delivered = {lane: 0 for lane in LANES}
         self.given_up = {lane: 0 for lane in LANES}
+        #: Notified whenever a VM gets its DS id.
+        self._vm_ids = threading.Condition()
 
     # -- control ----------------------------------------------------------
 
@@ -166,6 +168,8 @@ class Outbox:
 
     def stop(self, timeout: float = 5) -> None:
         self.wake()
+        with self._vm_ids:
+            self._vm_ids.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(deadline - time.monotonic(), 0))
@@ -287,15 +291,12 @@ class Outbox:
         self._done(message)
 
     def _vm_id_of(self, vm_key: str | None) -> int | None:
-        for vm in self.store.list_vms():
-            if vm.name == vm_key:
-                return vm.vm_id
-        return None
+        vm = self.store.get_vm_by_name(vm_key) if vm_key else None
+        return vm.vm_id if vm is not None else None
 
     def _register_vm(self, message: state.OutboxMessage,
                      vmm_id: int) -> None:
-        record = next((vm for vm in self.store.list_vms()
-                       if vm.name == message.vm_key), None)
+        record = self.store.get_vm_by_name(message.vm_key)
         if record is None:
             # Removed before the DS knew it: nothing to register, nothing
             # to tell about it afterwards.
@@ -341,6 +342,22 @@ class Outbox:
                                          dict(queued.args, vm_id=vm_id))
             txn.dequeue(message.seq)
         self.delivered[message.lane] += 1
+        with self._vm_ids:
+            self._vm_ids.notify_all()
+
+    def wait_for_vm_id(self, vm_key: str, timeout: float) -> int | None:
+        """The DS id of the VM ``vm_key``, waiting up to ``timeout`` s
+        for its ``register_vm`` to be answered; None if it was not."""
+        deadline = time.monotonic() + timeout
+        with self._vm_ids:
+            while True:
+                vm = self.store.get_vm_by_name(vm_key)
+                if vm is None or vm.vm_id is not None:
+                    return vm.vm_id if vm is not None else None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping.is_set():
+                    return None
+                self._vm_ids.wait(remaining)
 
     def _done(self, message: state.OutboxMessage,
               delivered: bool = True) -> None:

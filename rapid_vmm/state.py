@@ -256,6 +256,11 @@ class StateStore:
         with self._lock:
             return Txn(self._cursor()).get_vm(user_id)
 
+    def get_vm_by_name(self, name: str) -> objects.Vm | None:
+        """The record of the VM called ``name`` (names are unique)."""
+        with self._lock:
+            return Txn(self._cursor()).get_vm_by_name(name)
+
     def find_vm_by_ip(self, ip_address: str) -> objects.Vm | None:
         """The VM that holds ``ip_address`` now, or None.
 
@@ -365,6 +370,12 @@ class Txn:
         row = self.cursor.execute(
             f'SELECT {_SELECT} FROM vms WHERE user_id = ?',  # noqa: S608
             (user_id,)).fetchone()
+        return _row_to_vm(row) if row else None
+
+    def get_vm_by_name(self, name: str) -> objects.Vm | None:
+        row = self.cursor.execute(
+            f'SELECT {_SELECT} FROM vms WHERE name = ?',  # noqa: S608
+            (name,)).fetchone()
         return _row_to_vm(row) if row else None
 
     def list_vms(self) -> list[objects.Vm]:

@@ -9,7 +9,8 @@ implement too, so the reporter and the outbox do not know which protocol
 runs.
 
 One connection per message, as the originals do, every step bounded by
-``peer_reply_timeout`` (connecting: ``peer_call_timeout``). What the original DS does, and what it means here:
+``peer_reply_timeout`` (connecting: ``peer_call_timeout``). What the
+original DS does, and what it means here:
 
 * ``VMM_REGISTER``: ERROR until a SLAM has registered with the DS, and to
   a second registration from an IP it knows -> ``PeerRejected`` (the

@@ -286,10 +286,12 @@ class HostMonitor:
                             ', '.join(filesystem.paths))
                     total = to_gib(usage.total)
                     free = to_gib(usage.free)
+            # roles and paths change only with the layout: each sample
+            # shares them (read-only for the callers).
             entries.append({
                 'mount_point': filesystem.mount_point,
-                'roles': list(filesystem.roles),
-                'paths': list(filesystem.paths),
+                'roles': filesystem.roles,
+                'paths': filesystem.paths,
                 'total_gb': total,
                 'free_gb': free,
             })
