@@ -78,6 +78,19 @@ def current_usage(vms: list[objects.Vm]) -> Usage:
                  gpu_cores=sum(u.gpu_cores for u in held))
 
 
+def usage_in(txn, exclude_user: int | None = None) -> Usage:
+    """What every VM but ``exclude_user``'s holds, read in the state
+    transaction ``txn`` (summed by SQLite: one start does not parse every
+    record while it holds the state's write lock)."""
+    (vcpus, memory_mb, disk_gb, gpu_cores), resizing = txn.held_sums(
+        exclude_user)
+    extra = current_usage(resizing)
+    return Usage(vcpus=vcpus + extra.vcpus,
+                 memory_mb=memory_mb + extra.memory_mb,
+                 disk_gb=disk_gb + extra.disk_gb,
+                 gpu_cores=gpu_cores + extra.gpu_cores)
+
+
 def shortfall(limits: Limits, usage: Usage, vm_type: flavors.VmType,
               gpu_cores: int = 0) -> str | None:
     """Return why ``vm_type`` does not fit, or None when it fits."""
@@ -98,19 +111,26 @@ def _number(value: float) -> str:
     return f'{value:.0f}' if float(value).is_integer() else f'{value:.1f}'
 
 
-def check(limits: Limits, vms: list[objects.Vm], vm_type: flavors.VmType,
-          gpu_cores: int = 0, exclude_user: int | None = None,
+def check(limits: Limits, vms: list[objects.Vm] | Usage,
+          vm_type: flavors.VmType, gpu_cores: int = 0,
+          exclude_user: int | None = None,
           memory_mb: int | None = None) -> None:
-    """:raises NoCapacity: when ``vm_type`` does not fit next to ``vms``.
+    """:raises NoCapacity: when ``vm_type`` does not fit next to ``vms``
+    (the records, or what they hold: a :class:`Usage`, see
+    :func:`usage_in`).
 
     ``memory_mb``: the memory to account when it is not the type's own
     (a VM defined with a higher ceiling).
     """
-    others = [vm for vm in vms if vm.user_id != exclude_user]
+    if isinstance(vms, Usage):
+        usage = vms
+    else:
+        usage = current_usage([vm for vm in vms
+                               if vm.user_id != exclude_user])
     wanted = vm_type
     if memory_mb is not None and memory_mb != vm_type.memory_mb:
         wanted = flavors.VmType(vm_type.vcpus, memory_mb, vm_type.disk_gb)
-    reason = shortfall(limits, current_usage(others), wanted, gpu_cores)
+    reason = shortfall(limits, usage, wanted, gpu_cores)
     if reason:
         raise exception.NoCapacity(request=str(vm_type.as_list()),
                                    reason=reason)

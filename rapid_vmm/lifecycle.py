@@ -228,9 +228,9 @@ class Lifecycle:
         """Create ``vm`` (its record is new); the caller holds its lock."""
         vm_type = flavors.VmType(vm.vcpus, vm.memory_mb, vm.disk_gb)
         with self.store.transaction() as txn:
-            capacity.check(self._limits(), txn.list_vms(), vm_type,
-                           vm.gpu_cores, exclude_user=vm.user_id,
-                           memory_mb=vm.memory_max_mb)
+            capacity.check(self._limits(),
+                           capacity.usage_in(txn, vm.user_id), vm_type,
+                           vm.gpu_cores, memory_mb=vm.memory_max_mb)
             txn.save_vm(vm)
         faults.point('start.recorded')
         wait_for_as = wait_for_as and self.conf.as_register_timeout > 0
@@ -362,8 +362,9 @@ class Lifecycle:
             if vm.saved:
                 # Its memory was given back to the host: claim it again.
                 vm_type = flavors.VmType(vm.vcpus, vm.memory_mb, vm.disk_gb)
-                capacity.check(self._limits(), txn.list_vms(), vm_type,
-                               vm.gpu_cores, exclude_user=vm.user_id,
+                capacity.check(self._limits(),
+                               capacity.usage_in(txn, vm.user_id), vm_type,
+                               vm.gpu_cores,
                                memory_mb=max(vm.memory_mb,
                                              vm.memory_max_mb))
             txn.update_vm(vm.user_id, task_state=Task.RESUMING.value,
@@ -493,8 +494,9 @@ class Lifecycle:
                     reason=f'disk cannot shrink from {old_type.disk_gb} GB '
                            f'to {new_type.disk_gb} GB')
             with self.store.transaction() as txn:
-                capacity.check(self._limits(), txn.list_vms(), new_type,
-                               vm.gpu_cores, exclude_user=user_id,
+                capacity.check(self._limits(),
+                               capacity.usage_in(txn, user_id), new_type,
+                               vm.gpu_cores,
                                memory_mb=max(new_type.memory_mb,
                                              vm.memory_max_mb))
                 txn.update_vm(user_id, task_state=Task.RESIZING.value,

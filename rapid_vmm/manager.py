@@ -16,6 +16,7 @@ exposes exactly the VMM API and calls the methods here with validated
 arguments.
 """
 
+import concurrent.futures
 import threading
 import time
 
@@ -43,6 +44,11 @@ LOG = logging.getLogger(__name__)
 Status = objects.VmStatus
 Task = objects.TaskState
 record_of = vm_lifecycle.record_of
+
+
+#: start_vm waits for the new VM's DS id only while at most this many
+#: messages queue for the DS.
+DS_ID_WAIT_MAX_QUEUE = 2
 
 
 def lock_wait_timeout(conf: cfg.ConfigOpts) -> float:
@@ -86,6 +92,11 @@ class VmmManager:
         self._stopping = threading.Event()
         self._limits: capacity.Limits | None = None
         self._reconcile_wanted = threading.Event()
+        #: VMs hypervisor events were about since the last pass, and
+        #: whether a full pass was asked for.
+        self._event_names: set[str] = set()
+        self._full_pass_wanted = False
+        self._event_lock = threading.Lock()
         self._last_orphan_scan = 0.0
         #: The ``host`` this agent had before a declared rename, or None.
         self.previous_host: str | None = None
@@ -110,6 +121,8 @@ class VmmManager:
         #: A :class:`notifications.VmNotifier` (set by the service): told
         #: of every VM state change and host report, best effort.
         self.notifier = notifications.NULL
+        self._metadata_writer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix='metadata')
 
     # ------------------------------------------------------------------
     # start and stop
@@ -178,6 +191,7 @@ class VmmManager:
 
     def cleanup_host(self) -> None:
         self.outbox.stop()
+        self._metadata_writer.shutdown(wait=False, cancel_futures=True)
         self.driver.cleanup_host()
         close = getattr(self.monitor, 'close', None)
         if close is not None:
@@ -216,8 +230,11 @@ class VmmManager:
 
     def _await_ds_id(self, vm: objects.Vm) -> None:
         """Give the outbox a moment to register a new VM with the DS, so
-        the reply usually carries its DS id (never waits long)."""
-        if vm.vm_id is None and self.reporter.vmm_id is not None:
+        the reply usually carries its DS id (never waits long, and not at
+        all while many messages queue for the DS: a burst of starts must
+        not wait for the DS one after the other)."""
+        if vm.vm_id is None and self.reporter.vmm_id is not None and \
+                self.outbox.depth()[vm_outbox.DS] <= DS_ID_WAIT_MAX_QUEUE:
             vm.vm_id = self.outbox.wait_for_vm_id(
                 vm.name, min(self.conf.peer_call_timeout, 2))
 
@@ -404,16 +421,23 @@ class VmmManager:
         if event not in ('reconnected', 'stopped', 'undefined', 'suspended',
                          'resumed', 'crashed', 'shutdown', 'started'):
             return
+        if name is None:  # reconnected: anything may have changed
+            self.request_reconcile()
+            return
         try:
-            if name is not None and self.store.get_vm_by_name(name) is None:
+            if self.store.get_vm_by_name(name) is None:
                 return
         except exception.StateError:
             return  # stopping: the store is closed
         LOG.debug('Driver event %s for %s', event, name)
-        self.request_reconcile()
+        with self._event_lock:
+            self._event_names.add(name)
+        self._reconcile_wanted.set()
 
     def request_reconcile(self) -> None:
-        """Ask the reconcile loop to run soon (events call this)."""
+        """Ask the reconcile loop for a full pass soon."""
+        with self._event_lock:
+            self._full_pass_wanted = True
         self._reconcile_wanted.set()
 
     def run_reconcile_loop(self) -> None:
@@ -422,20 +446,30 @@ class VmmManager:
         until the agent stops."""
         interval = self.conf.reconcile_interval or None
         while not self.stopping:
-            self._reconcile_wanted.wait(interval)
+            woken = self._reconcile_wanted.wait(interval)
             if self.stopping:
                 return
             self._reconcile_wanted.clear()
-            self.reconcile_once()
+            with self._event_lock:
+                names, self._event_names = self._event_names, set()
+                full = self._full_pass_wanted or not woken
+                self._full_pass_wanted = False
+            # Events name the VMs they are about: a pass over those only
+            # (a busy host's events would otherwise start one full pass
+            # after another).
+            self.reconcile_once(names=None if full else names)
 
-    def reconcile_once(self) -> None:
-        """One reconciliation pass and its follow-ups; never raises."""
+    def reconcile_once(self, names: set[str] | None = None) -> None:
+        """One reconciliation pass (of ``names`` only, when given) and its
+        follow-ups; never raises."""
         try:
-            self.reconciler.reconcile()
+            self.reconciler.reconcile(names=names)
             if self.reconciler.driver_reachable:
-                self.identity_settled.set()
+                if names is None:
+                    self.identity_settled.set()
                 self.lifecycle.ensure_helpers()
-                self.scan_orphan_disks()
+                if names is None:
+                    self.scan_orphan_disks()
         except Exception:
             # One cut short by the agent's stop (its store closed under
             # it) is not an error.
@@ -502,7 +536,17 @@ class VmmManager:
         self.outbox.wake()
 
     def _on_vm_id(self, vm_key: str, vm_id: int) -> None:
-        """The DS id of a VM is known: keep it in the instance too."""
+        """The DS id of a VM is known: keep it in the instance too.
+
+        Written by a worker of its own, not by the outbox's sender: the
+        next messages need not wait for the hypervisor.
+        """
+        try:
+            self._metadata_writer.submit(self._write_vm_id, vm_key, vm_id)
+        except RuntimeError:  # stopping: the reconciler repairs it later
+            LOG.debug('DS id %s of %s not written: stopping', vm_id, vm_key)
+
+    def _write_vm_id(self, vm_key: str, vm_id: int) -> None:
         vm = self.store.get_vm_by_name(vm_key)
         if vm is None or vm.driver_id is None:
             return

@@ -149,8 +149,10 @@ class Outbox:
             lane: None for lane in LANES}
         self.delivered = {lane: 0 for lane in LANES}
         self.given_up = {lane: 0 for lane in LANES}
-        #: Notified whenever a VM gets its DS id.
+        #: Notified whenever a VM gets its DS id (``_vm_id_changes``
+        #: counts them, so that a waiter never misses one).
         self._vm_ids = threading.Condition()
+        self._vm_id_changes = 0
 
     # -- control ----------------------------------------------------------
 
@@ -169,6 +171,7 @@ class Outbox:
     def stop(self, timeout: float = 5) -> None:
         self.wake()
         with self._vm_ids:
+            self._vm_id_changes += 1
             self._vm_ids.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
@@ -266,9 +269,15 @@ class Outbox:
 
     def _deliver(self, message: state.OutboxMessage) -> None:
         if message.lane == SLAM:
-            peer = self._peers[SLAM]
-            getattr(peer, message.method)(self._context(message),
-                                          **message.args)
+            args = message.args
+            record = args.get('vm')
+            if isinstance(record, dict) and record.get('vm_id') is None:
+                # The DS may have registered the VM since: its DS id too.
+                vm_id = self._vm_id_of(message.vm_key)
+                if vm_id is not None:
+                    args = dict(args, vm=dict(record, vm_id=vm_id))
+            getattr(self._peers[SLAM], message.method)(
+                self._context(message), **args)
             self._done(message)
             return
         vmm_id = self._identity().get('vmm_id')
@@ -343,21 +352,25 @@ class Outbox:
             txn.dequeue(message.seq)
         self.delivered[message.lane] += 1
         with self._vm_ids:
+            self._vm_id_changes += 1
             self._vm_ids.notify_all()
 
     def wait_for_vm_id(self, vm_key: str, timeout: float) -> int | None:
         """The DS id of the VM ``vm_key``, waiting up to ``timeout`` s
         for its ``register_vm`` to be answered; None if it was not."""
         deadline = time.monotonic() + timeout
-        with self._vm_ids:
-            while True:
-                vm = self.store.get_vm_by_name(vm_key)
-                if vm is None or vm.vm_id is not None:
-                    return vm.vm_id if vm is not None else None
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopping.is_set():
-                    return None
-                self._vm_ids.wait(remaining)
+        while True:
+            with self._vm_ids:
+                seen = self._vm_id_changes
+            vm = self.store.get_vm_by_name(vm_key)
+            if vm is None or vm.vm_id is not None:
+                return vm.vm_id if vm is not None else None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping.is_set():
+                return None
+            with self._vm_ids:
+                if self._vm_id_changes == seen:
+                    self._vm_ids.wait(remaining)
 
     def _done(self, message: state.OutboxMessage,
               delivered: bool = True) -> None:

@@ -84,22 +84,33 @@ class Reconciler:
     def conf(self):
         return self.manager.conf
 
-    def reconcile(self, startup: bool = False) -> dict:
-        """One pass; returns what it did, by kind, as lists of user ids."""
-        with self._pass_lock:
-            return self._reconcile(startup)
+    def reconcile(self, startup: bool = False,
+                  names: set[str] | None = None) -> dict:
+        """One pass; returns what it did, by kind, as lists of user ids.
 
-    def _reconcile(self, startup: bool) -> dict:
+        ``names``: only the records of these VMs (the instances that
+        hypervisor events were about), without looking for instances to
+        adopt; None: every record, and adoption.
+        """
+        with self._pass_lock:
+            return self._reconcile(startup, names)
+
+    def _reconcile(self, startup: bool, names: set[str] | None) -> dict:
         summary: dict[str, list] = {
             'recovered': [], 'changed': [], 'stopped': [], 'unknown': [],
             'vouched': [], 'adopted': [], 'claimed': [], 'left_alone': []}
-        records = self.store.list_vms()
+        if names is None:
+            records = self.store.list_vms()
+        else:
+            records = [vm for vm in map(self.store.get_vm_by_name,
+                                        sorted(names)) if vm is not None]
         owners = {self.conf.host}
         if self.manager.previous_host:
             owners.add(self.manager.previous_host)
         try:
             observations = self.driver.observe(records)
-            instances = self.driver.list_instances(owners=owners)
+            instances = [] if names is not None else \
+                self.driver.list_instances(owners=owners)
         except exception.DriverError as exc:
             if self.driver_reachable or startup:
                 LOG.error('Cannot reconcile: %s; VM states are unknown '
@@ -130,7 +141,8 @@ class Reconciler:
             if instance.driver_id in seen_ids or instance.name in seen_names:
                 continue
             self._consider_adoption(instance, summary)
-        self.passes += 1
+        if names is None:
+            self.passes += 1
         done = {k: v for k, v in summary.items() if v}
         if done:
             LOG.info('Reconciled with the hypervisor: %s', done)

@@ -10,9 +10,12 @@ is SQLite's ``user_version``; older schemas are migrated forward, a newer
 one (written by a later release) is refused rather than damaged.
 """
 
+from collections.abc import Iterator
+import contextlib
 import dataclasses
 import json
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -82,6 +85,9 @@ CREATE INDEX outbox_vm ON outbox (vm_key);
 
 _MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
+#: Read-only connections kept for the next reads.
+READERS_KEPT = 8
+
 _VM_COLUMNS = ('user_id', 'vm_id', 'name', 'status', 'task_state', 'vcpus',
                'memory_mb', 'disk_gb', 'gpu_cores', 'os_type', 'helper',
                'driver_id', 'image', 'disk_path', 'ip_address', 'as_ready',
@@ -122,6 +128,8 @@ class StateStore:
         self.path = os.path.join(data_path, DB_NAME)
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        self._readers: queue.Queue = queue.Queue()
+        self._generation = 0
 
     # -- life cycle -------------------------------------------------------
 
@@ -215,6 +223,15 @@ class StateStore:
             self._close_quietly()
 
     def _close_quietly(self) -> None:
+        self._generation += 1
+        while True:
+            try:
+                self._readers.get_nowait().close()
+            except queue.Empty:
+                break
+            except sqlite3.Error as exc:
+                LOG.debug('Closing a reader of %s failed: %s', self.path,
+                          exc)
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -236,8 +253,8 @@ class StateStore:
 
     def get_meta(self) -> dict[str, Any]:
         """Return the persisted identity (``vmm_id``, ``slam_host``, ...)."""
-        with self._lock:
-            return _read_meta(self._cursor())
+        with self._reading() as cursor:
+            return _read_meta(cursor)
 
     def set_meta(self, **values: Any) -> None:
         """Persist identity values in one transaction."""
@@ -252,14 +269,44 @@ class StateStore:
                                        reason='the store is closed')
         return self._conn.cursor()
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Cursor]:
+        """A cursor of a read-only connection, for one read.
+
+        Reads do not wait for the writer: in WAL mode a reader sees the
+        last committed state while a transaction commits (and its fsync
+        runs). Connections are kept in a small pool for the next reads.
+        """
+        if self._conn is None:
+            raise exception.StateError(path=self.path,
+                                       reason='the store is closed')
+        generation = self._generation
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = sqlite3.connect(self.path, timeout=30,
+                                   check_same_thread=False,
+                                   isolation_level=None)
+            conn.execute('PRAGMA query_only = ON')
+        cursor = conn.cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+            if generation == self._generation and \
+                    self._readers.qsize() < READERS_KEPT:
+                self._readers.put(conn)
+            else:
+                conn.close()
+
     def get_vm(self, user_id: int) -> objects.Vm | None:
-        with self._lock:
-            return Txn(self._cursor()).get_vm(user_id)
+        with self._reading() as cursor:
+            return Txn(cursor).get_vm(user_id)
 
     def get_vm_by_name(self, name: str) -> objects.Vm | None:
         """The record of the VM called ``name`` (names are unique)."""
-        with self._lock:
-            return Txn(self._cursor()).get_vm_by_name(name)
+        with self._reading() as cursor:
+            return Txn(cursor).get_vm_by_name(name)
 
     def find_vm_by_ip(self, ip_address: str) -> objects.Vm | None:
         """The VM that holds ``ip_address`` now, or None.
@@ -269,8 +316,8 @@ class StateStore:
         another VM since. When several claim it, the most recently
         changed wins.
         """
-        with self._lock:
-            row = self._cursor().execute(
+        with self._reading() as cursor:
+            row = cursor.execute(
                 f'SELECT {_SELECT} FROM vms '  # noqa: S608
                 'WHERE ip_address = ? AND status != ? AND task_state != ? '
                 'ORDER BY updated_at DESC',
@@ -279,8 +326,8 @@ class StateStore:
         return _row_to_vm(row) if row else None
 
     def list_vms(self) -> list[objects.Vm]:
-        with self._lock:
-            return Txn(self._cursor()).list_vms()
+        with self._reading() as cursor:
+            return Txn(cursor).list_vms()
 
     def save_vm(self, vm: objects.Vm) -> objects.Vm:
         """Insert or replace the whole record of ``vm.user_id``.
@@ -309,8 +356,8 @@ class StateStore:
 
     def outbox_head(self, lane: str) -> OutboxMessage | None:
         """The oldest message of ``lane``, or None."""
-        with self._lock:
-            row = self._cursor().execute(
+        with self._reading() as cursor:
+            row = cursor.execute(
                 f'SELECT {", ".join(_OUTBOX_COLUMNS)} FROM outbox '  # noqa: S608
                 'WHERE lane = ? ORDER BY seq LIMIT 1', (lane,)).fetchone()
         return _row_to_message(row) if row else None
@@ -323,15 +370,14 @@ class StateStore:
         if lane is not None:
             query += ' WHERE lane = ?'
             params = (lane,)
-        with self._lock:
-            rows = self._cursor().execute(query + ' ORDER BY seq',
-                                          params).fetchall()
+        with self._reading() as cursor:
+            rows = cursor.execute(query + ' ORDER BY seq', params).fetchall()
         return [_row_to_message(row) for row in rows]
 
     def outbox_depth(self) -> dict[str, int]:
         """Number of queued messages per lane."""
-        with self._lock:
-            rows = self._cursor().execute(
+        with self._reading() as cursor:
+            rows = cursor.execute(
                 'SELECT lane, COUNT(*) FROM outbox GROUP BY lane').fetchall()
         return dict(rows)
 
@@ -383,6 +429,34 @@ class Txn:
             f'SELECT {_SELECT} FROM vms '  # noqa: S608
             'ORDER BY helper DESC, user_id').fetchall()
         return [_row_to_vm(row) for row in rows]
+
+    def held_sums(self, exclude_user: int | None = None
+                  ) -> tuple[tuple[int, int, int, int], list[objects.Vm]]:
+        """What the VMs hold, summed by SQLite: ``(vcpus, memory_mb,
+        disk_gb, gpu_cores)`` of every VM that is neither stopped nor
+        being resized, and the records of those being resized (whose
+        intent decides what they hold), for :func:`capacity.usage_in`.
+
+        The same rule as :func:`capacity.held_by` (a test compares them):
+        memory at the ceiling, none for a suspended VM saved to disk.
+        """
+        # No user id is below -2**63 (SQLite's INTEGER): None excludes none.
+        user = -2 ** 63 if exclude_user is None else exclude_user
+        sums = self.cursor.execute(
+            'SELECT COALESCE(SUM(vcpus), 0), '
+            'COALESCE(SUM(CASE WHEN saved = 1 AND status = ? THEN 0 '
+            'ELSE MAX(memory_mb, memory_max_mb) END), 0), '
+            'COALESCE(SUM(disk_gb), 0), COALESCE(SUM(gpu_cores), 0) '
+            'FROM vms WHERE status != ? AND user_id != ? '
+            'AND task_state != ?',
+            (int(objects.VmStatus.SUSPENDED), int(objects.VmStatus.STOPPED),
+             user, objects.TaskState.RESIZING.value)).fetchone()
+        rows = self.cursor.execute(
+            f'SELECT {_SELECT} FROM vms '  # noqa: S608
+            'WHERE status != ? AND user_id != ? AND task_state = ?',
+            (int(objects.VmStatus.STOPPED), user,
+             objects.TaskState.RESIZING.value)).fetchall()
+        return tuple(sums), [_row_to_vm(row) for row in rows]
 
     def save_vm(self, vm: objects.Vm) -> objects.Vm:
         """Insert or replace the record of ``vm.user_id``."""

@@ -343,3 +343,36 @@ def test_check_accounts_a_ceiling_above_the_type():
     capacity.check(limits, [], small)
     with pytest.raises(exception.NoCapacity):
         capacity.check(limits, [], small, memory_mb=4096)
+
+
+def test_sums_in_the_state_are_the_same_rule_as_held_by(tmp_path):
+    import random
+
+    from rapid_vmm import state
+    store = state.StateStore(str(tmp_path))
+    store.open()
+    rng = random.Random(7)
+    records = []
+    for user_id in range(60):
+        status = rng.choice(list(Status))
+        task = rng.choice(['', '', 'resizing', 'unknown', 'building'])
+        intent = ({'op': 'resize', 'from': [1, 1024, 20],
+                   'to': [rng.choice([1, 4]), rng.choice([512, 4096]),
+                          rng.choice([20, 40])]} if task == 'resizing'
+                  else None)
+        record = objects.Vm(
+            user_id=user_id, name=f'rapid-vm-{user_id}',
+            vcpus=rng.choice([1, 2]), memory_mb=rng.choice([1024, 2048]),
+            memory_max_mb=rng.choice([0, 4096]), disk_gb=20,
+            gpu_cores=rng.choice([0, 8]), status=status,
+            saved=rng.choice([True, False]), task_state=task, intent=intent)
+        records.append(store.save_vm(record))
+    try:
+        for exclude in (None, 3, 17):
+            with store.transaction() as txn:
+                summed = capacity.usage_in(txn, exclude)
+            expected = capacity.current_usage(
+                [vm for vm in records if vm.user_id != exclude])
+            assert summed == expected
+    finally:
+        store.close()
