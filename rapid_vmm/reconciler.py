@@ -89,8 +89,8 @@ class Reconciler:
         """One pass; returns what it did, by kind, as lists of user ids.
 
         ``names``: only the records of these VMs (the instances that
-        hypervisor events were about), without looking for instances to
-        adopt; None: every record, and adoption.
+        hypervisor events were about) and of those marked unknown, without
+        looking for instances to adopt; None: every record, and adoption.
         """
         with self._pass_lock:
             return self._reconcile(startup, names)
@@ -102,8 +102,14 @@ class Reconciler:
         if names is None:
             records = self.store.list_vms()
         else:
-            records = [vm for vm in map(self.store.get_vm_by_name,
-                                        sorted(names)) if vm is not None]
+            # The named VMs, and those the hypervisor could not vouch for
+            # yet: each look at the hypervisor settles them sooner.
+            unknown = self.store.list_vms(task_state=Task.UNKNOWN.value)
+            named = [vm for vm in map(self.store.get_vm_by_name,
+                                      sorted(names - {vm.name for vm in
+                                                      unknown}))
+                     if vm is not None]
+            records = named + unknown
         owners = {self.conf.host}
         if self.manager.previous_host:
             owners.add(self.manager.previous_host)

@@ -325,9 +325,15 @@ class StateStore:
                  objects.TaskState.DELETING.value)).fetchone()
         return _row_to_vm(row) if row else None
 
-    def list_vms(self) -> list[objects.Vm]:
+    def list_vms(self, task_state: str | None = None) -> list[objects.Vm]:
+        """Every record (those in ``task_state`` only, when given)."""
         with self._reading() as cursor:
-            return Txn(cursor).list_vms()
+            if task_state is None:
+                return Txn(cursor).list_vms()
+            rows = cursor.execute(
+                f'SELECT {_SELECT} FROM vms WHERE task_state = ? '  # noqa: S608
+                'ORDER BY helper DESC, user_id', (task_state,)).fetchall()
+        return [_row_to_vm(row) for row in rows]
 
     def save_vm(self, vm: objects.Vm) -> objects.Vm:
         """Insert or replace the whole record of ``vm.user_id``.
