@@ -80,11 +80,31 @@ class ReliabilityTestCase(testtools.TestCase):
                 if name.endswith('.qcow2')}
 
     def registered(self, user_id):
-        """Wait until the DS knows the user's VM; its record."""
-        return self.wait_until(
+        """Wait until the DS knows the user's VM and its domain says so.
+
+        The DS id reaches the domain's metadata by a worker of its own,
+        after the record: a test that edits the metadata or the database
+        must not race that write.
+        """
+        vm = self.wait_until(
             lambda: next((vm for vm in self.api.get_vm_info({})
                           if vm['user_id'] == user_id and vm['vm_id']),
                          None), what=f'DS id of user {user_id}')
+        self.wait_until(lambda: self.metadata_vm_id(vm['name']) ==
+                        vm['vm_id'], what=f'DS id in {vm["name"]} metadata')
+        return vm
+
+    @staticmethod
+    def metadata_vm_id(name):
+        conn = libvirt.open(URI)
+        try:
+            xml = conn.lookupByName(name).metadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT, vconfig.METADATA_NS)
+        except libvirt.libvirtError:
+            return None
+        finally:
+            conn.close()
+        return (vconfig.parse_metadata(xml) or {}).get('vm_id')
 
     def assert_consistent(self):
         """Records, domains and disks agree; nothing is in flight."""
