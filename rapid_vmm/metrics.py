@@ -310,8 +310,10 @@ class MetricsServer(http.server.HTTPServer):
             LOG.warning('Metrics request from %s failed: %s: %s',
                         client_address[0], type(exc).__name__, exc)
         finally:
-            self.shutdown_request(request)
+            # The slot is free before the peer sees the close: a client
+            # that reconnects at once is not refused by its own last one.
             self._slots.release()
+            self.shutdown_request(request)
 
     def start(self) -> 'MetricsServer':
         self._thread = threading.Thread(target=self.serve_forever,
