@@ -446,6 +446,74 @@ class TestHelpers(ManagerTestCase):
         self.f.ds.recorder.wait_for('notify_helper', count=3, timeout=20)
 
 
+class TestHelperBackOff(ManagerTestCase):
+
+    overrides = {'helper_vm_count': 0, 'helper_retry_max_interval': 15}
+
+    def test_a_failing_helper_is_retried_with_growing_delays(self):
+        lifecycle = self.f.manager.lifecycle
+        attempts = []
+
+        def failing_create(*args, **kwargs):
+            attempts.append(time.monotonic())
+            raise exception.DriverError(reason='no template today')
+
+        lifecycle.driver.create = failing_create
+        self.f.conf.set_override('helper_vm_count', 1)
+        lifecycle.ensure_helpers()
+        self.assertEqual(1, len(attempts))
+        failures, next_attempt = lifecycle._helper_backoff[1]
+        self.assertEqual(1, failures)
+        self.assertAlmostEqual(5, next_attempt - attempts[0], delta=1)
+        # Asked again at once (as the periodic task does): no new attempt.
+        for _ in range(5):
+            lifecycle.ensure_helpers()
+        self.assertEqual(1, len(attempts))
+        # Each delay, once passed, doubles, up to the configured bound.
+        delays = []
+        for _ in range(3):
+            lifecycle._helper_backoff[1] = (
+                lifecycle._helper_backoff[1][0], 0)
+            lifecycle.ensure_helpers()
+            failures, next_attempt = lifecycle._helper_backoff[1]
+            delays.append(round(next_attempt - attempts[-1]))
+        self.assertEqual(4, len(attempts))
+        self.assertEqual(([10, 15, 15], 4), (delays, failures))
+        self.assertEqual([], [vm for vm in self.api.get_vm_info({})
+                              if vm['helper']])
+
+
+class TestResizeDoesNotBlockTheHost(ManagerTestCase):
+
+    def test_a_start_proceeds_while_another_vm_resizes(self):
+        start(self.api, 90)
+        driver = self.f.manager.lifecycle.driver
+        entered, release = threading.Event(), threading.Event()
+        real_resize = driver.resize
+
+        def slow_resize(*args, **kwargs):
+            entered.set()
+            release.wait(30)
+            return real_resize(*args, **kwargs)
+
+        driver.resize = slow_resize
+        self.addCleanup(release.set)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            resizing = pool.submit(self.api.change_flavor, {}, user_id=90,
+                                   vcpus=2)
+            self.assertTrue(entered.wait(10))
+            # The resize is in the driver: the host's capacity lock is
+            # free, so another user's start completes meanwhile.
+            other = start(self.api, 91)
+            self.assertEqual(1, other['status'])
+            self.assertFalse(resizing.done())
+            self.assertEqual('resizing',
+                             self.api.get_vm_info({}, user_id=90)[0][
+                                 'task_state'])
+            release.set()
+            self.assertEqual(2, resizing.result(30)['vcpus'])
+
+
 class TestReconcile(ManagerTestCase):
 
     def _wait_for_statuses(self, expected, timeout=10):
