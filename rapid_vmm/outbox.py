@@ -240,8 +240,12 @@ class Outbox:
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(exception.PeerError),
-            wait=tenacity.wait_exponential_jitter(
-                initial=0.5, max=self.conf.outbox_retry_max_interval),
+            # Exponential from 0.5 s with up to 1 s of jitter (what
+            # wait_exponential_jitter does, without its argument renamed
+            # between tenacity releases).
+            wait=(tenacity.wait_exponential(
+                multiplier=0.5, max=self.conf.outbox_retry_max_interval) +
+                tenacity.wait_random(0, 1)),
             stop=stop, sleep=self._sleep, before_sleep=before_sleep,
             reraise=True)
         retrying(self._deliver, message)

@@ -236,6 +236,13 @@ def remotable(func):
       are logged once here, at warning level, with the method name).
     """
     signature = inspect.signature(func)
+    # The usual shape (every argument after the context keyword-only) is
+    # checked with two set comparisons; anything else, and every call
+    # that fails them, goes through Signature.bind for its exact message.
+    params = list(signature.parameters.values())[2:]
+    keyword_only = all(p.kind is p.KEYWORD_ONLY for p in params)
+    allowed = frozenset(p.name for p in params)
+    required = frozenset(p.name for p in params if p.default is p.empty)
 
     @functools.wraps(func)
     def wrapper(self, context, /, *args, **kwargs):
@@ -244,7 +251,9 @@ def remotable(func):
                 if args:
                     raise TypeError('the VMM API takes keyword arguments '
                                     'only')
-                signature.bind(self, context, **kwargs)
+                if not (keyword_only and
+                        required <= kwargs.keys() <= allowed):
+                    signature.bind(self, context, **kwargs)
             except TypeError as exc:
                 raise exception.InvalidRequest(
                     reason=f'{func.__name__}: {exc}') from None

@@ -620,20 +620,26 @@ class Writer:
         out += size + b'\x77\x04' + size
         strings = self._strings
         pack_short, pack_int = _SHORT.pack, _INT.pack
+        parts = []  # joined once: a reply is built at every request
+        append = parts.append
+        next_handle = self._next_handle
         for item in items:
             handle = strings.get(item)
             if handle is not None:
-                out += b'\x71' + pack_int(BASE_HANDLE + handle)
+                append(b'\x71' + pack_int(BASE_HANDLE + handle))
                 continue
             if not isinstance(item, str):
                 raise TypeError(f'list item {item!r} is not a string')
             data = encode_mutf8(item)
             if len(data) <= 0xFFFF:
-                out += b'\x74' + pack_short(len(data)) + data
+                append(b'\x74' + pack_short(len(data)))
             else:
-                out += b'\x7c' + _LONG.pack(len(data)) + data
-            strings[item] = self._next_handle
-            self._next_handle += 1
+                append(b'\x7c' + _LONG.pack(len(data)))
+            append(data)
+            strings[item] = next_handle
+            next_handle += 1
+        self._next_handle = next_handle
+        out += b''.join(parts)
         out.append(TC_ENDBLOCKDATA)
         return self
 

@@ -71,6 +71,9 @@ OK_REPLY = codec.Writer(header=False).write_byte(codec.OK).getvalue()
 
 #: Seconds between two warnings about one refused address.
 REFUSAL_LOG_INTERVAL = 60.0
+#: Peer addresses whose allow-list answer is kept (then all forgotten).
+ALLOWED_CACHE_SIZE = 4096
+
 #: Seconds between two looks for VM of an AS's address.
 AS_REGISTER_POLL = 0.5
 
@@ -158,6 +161,7 @@ class LegacyServer:
         group = conf.legacy
         self.limits = codec.Limits.from_conf(conf)
         self.allowed = parse_networks(group.allowed_peers)
+        self._allowed_cache: dict[str, bool] = {}
         self.read_timeout = group.read_timeout
         self.max_connections = group.max_connections
         self._stopping = threading.Event()
@@ -341,8 +345,18 @@ class LegacyServer:
                 self._register(conn)
 
     def _allowed(self, peer: str) -> bool:
+        """Whether ``peer`` is in ``[legacy] allowed_peers`` (answers are
+        kept for the addresses seen last: the networks never change)."""
         if not self.allowed:
             return True
+        known = self._allowed_cache.get(peer)
+        if known is None:
+            if len(self._allowed_cache) >= ALLOWED_CACHE_SIZE:
+                self._allowed_cache.clear()
+            known = self._allowed_cache[peer] = self._in_allowed(peer)
+        return known
+
+    def _in_allowed(self, peer: str) -> bool:
         try:
             address = ipaddress.ip_address(peer.split('%', 1)[0])
         except ValueError:
