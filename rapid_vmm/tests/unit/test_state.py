@@ -714,3 +714,45 @@ def test_find_vm_by_ip_ignores_stale_addresses(store):
     assert store.find_vm_by_ip('10.0.0.9') is None
     store.save_vm(vm(9, ip_address='10.0.0.9', status=2))
     assert store.find_vm_by_ip('10.0.0.9').user_id == 9
+
+
+def test_get_vm_gives_a_new_object_and_sees_every_commit(store):
+    store.save_vm(vm(5))
+    first = store.get_vm(5)
+    first.vcpus = 8  # the caller's copy only
+    assert store.get_vm(5).vcpus == 1
+    store.update_vm(5, vcpus=2)
+    assert store.get_vm(5).vcpus == 2
+    with store.transaction() as txn:
+        txn.update_vm(5, vcpus=4)
+    assert store.get_vm(5).vcpus == 4
+    store.delete_vm(5)
+    assert store.get_vm(5) is None
+    store.save_vm(vm(5, vcpus=3))
+    assert store.get_vm(5).vcpus == 3
+
+
+def test_a_rolled_back_change_is_not_seen(store):
+    store.save_vm(vm(6))
+    assert store.get_vm(6).vcpus == 1
+    with pytest.raises(RuntimeError), store.transaction() as txn:
+        txn.update_vm(6, vcpus=4)
+        raise RuntimeError('no')
+    assert store.get_vm(6).vcpus == 1
+
+
+def test_a_read_that_races_a_commit_is_not_kept(store, monkeypatch):
+    store.save_vm(vm(7))
+    real = state.Txn.get_vm_row
+    raced = []
+
+    def read_then_commit(self, user_id):
+        row = real(self, user_id)  # the value before the commit below
+        if not raced:
+            raced.append(True)
+            store.update_vm(7, vcpus=2)
+        return row
+
+    monkeypatch.setattr(state.Txn, 'get_vm_row', read_then_commit)
+    assert store.get_vm(7).vcpus == 1  # what that read saw
+    assert store.get_vm(7).vcpus == 2  # not kept: read again
