@@ -13,8 +13,8 @@ requirements (no ``fixtures``, no ``rapid_vmm.tests``).
   ``bench_*`` topics), written as a configuration file and read back into
   the global ``CONF`` (one agent configuration per benchmark process, as
   in the agent itself);
-* :class:`AgentProcess` - ``rapid-vmm`` as a separate process (master +
-  worker, oslo.service threading backend) on RabbitMQ and a libvirt test
+* :class:`AgentProcess` - ``rapid-vmm`` as a separate process (one
+  process, oslo.service's threading backend) on RabbitMQ and a libvirt test
   hypervisor, with INFO logging to a file (DEBUG logging of oslo.messaging
   would weigh on what is measured);
 * :class:`EchoProcess` - the baseline, a bare oslo.messaging server
@@ -446,7 +446,7 @@ class Peers:
 
 
 class AgentProcess:
-    """``rapid-vmm`` run as a process (master + worker) on RabbitMQ.
+    """``rapid-vmm`` run as a process on RabbitMQ.
 
     Writes the benchmark's configuration (INFO logging, unique host and
     topics) and reads it into this process's ``conf``; makes the
@@ -543,7 +543,7 @@ class AgentProcess:
                    10, 'no VMM id after the DS registration', interval=0.05)
 
     def processes(self) -> list[psutil.Process]:
-        """The master and its children (the worker); [] once reaped."""
+        """The agent's process and any children; [] once reaped."""
         try:
             master = psutil.Process(self.process.pid)
             return [master, *master.children(recursive=True)]
@@ -551,7 +551,7 @@ class AgentProcess:
             return []
 
     def stop(self, timeout: float = 30) -> float | None:
-        """SIGTERM the master; seconds until every process is gone (None
+        """SIGTERM the agent; seconds until every process is gone (None
         if it was not running)."""
         if self.process is None or self.process.poll() is not None:
             return None

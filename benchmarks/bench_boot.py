@@ -27,9 +27,10 @@ The AS hand-shake (``--as-mode``): ``host`` (default) plays the AS from
 this process at the moment the lease appears (polled every 50 ms from the
 network's DHCP leases): ``as_register(ip)``, retried while the agent does
 not know the address yet, then ``as_confirm``; ``guest`` leaves it to the
-guest's own ``/init`` (which must register over the legacy TCP port: the
-agent then serves ``[legacy]`` on the network's host address; needs a
-guest built for it); ``none`` sets ``as_register_timeout = 0``.
+guest's own ``/init``, which registers over the legacy TCP port (the
+agent then serves ``[legacy]`` on the network's host address and the
+guest's kernel command line gets ``rapid.as=legacy:HOST:PORT``, as in the
+system tests); ``none`` sets ``as_register_timeout = 0``.
 
 Run (root): ``python benchmarks/bench_boot.py [--rounds 3]
 [--as-mode host|guest|none]``; about 1.5-3 minutes (each boot 6-11 s under
@@ -39,6 +40,7 @@ TCG). Prints readable figures, then one JSON line.
 import fcntl
 import os
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,6 +70,13 @@ def run_tool(script: str, *args: str, timeout: int = 900) -> str:
         raise RuntimeError(f'{script} {" ".join(args)} failed: '
                            f'{done.stdout[-2000:]}{done.stderr[-2000:]}')
     return done.stdout
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as sock:
+        sock.bind(('', 0))
+        return sock.getsockname()[1]
 
 
 def read_guest_env(path: str) -> dict:
@@ -286,10 +295,19 @@ def main(argv) -> int:
             'as_register_timeout': 0 if args.as_mode == 'none' else 120,
         }
         if args.as_mode == 'guest':
+            # The guest's /init registers its AS at the address that
+            # rapid.as= on its kernel command line names.
             host_ip = ET.fromstring(network.XMLDesc(0)).find('ip').get(
                 'address')
-            overrides.update({'legacy.enabled': True,
-                              'legacy.bind_host': host_ip})
+            port = free_port()
+            overrides.update({
+                'libvirt.kernel_cmdline': (guest['RAPID_GUEST_CMDLINE'] +
+                                           f' rapid.as=legacy:{host_ip}:'
+                                           f'{port}'),
+                'legacy.enabled': True, 'legacy.bind_host': host_ip,
+                'legacy.port': port,
+                'legacy.allowed_peers': [
+                    host_ip.rsplit('.', 1)[0] + '.0/24', '127.0.0.0/8']})
         agent = _common.AgentProcess(ws, 'boot', template=template,
                                      api_timeout=BOOT_TIMEOUT + 150,
                                      **overrides)

@@ -1,6 +1,6 @@
 """Benchmark: the idle agent with 100 VMs (SPEC 9, bench_idle).
 
-The agent runs as a separate process (master + worker, oslo.service
+The agent runs as a separate process (one process, oslo.service's
 threading backend) on the local RabbitMQ and libvirtd's test driver
 (``test+unix:///default``: a real libvirtd connection, with its keepalive
 and lifecycle events), with ``report_interval`` 10 s and the production
@@ -11,10 +11,10 @@ the reports) and the SLAM. ``--vms`` (default 100) VMs are started through
 and then nothing is asked of it for ``--seconds`` (default 60, the SPEC's
 minimum) while its CPU time and memory are read with psutil:
 
-- ``cpu_percent_of_core``: CPU seconds (user + system) of the master and
-  worker processes over the window, divided by its wall time, in % of one
-  core (target < 0.5 %);
-- ``rss_start_mb``, ``rss_end_mb``: resident memory of master + worker at
+- ``cpu_percent_of_core``: CPU seconds (user + system) of the agent's
+  process (and of any child) over the window, divided by its wall time,
+  in % of one core (target < 0.5 %);
+- ``rss_start_mb``, ``rss_end_mb``: resident memory of the agent at
   the window's start and end (``rss_samples_mb`` every 5 s in between;
   target: steady, i.e. the end within 2 MB or 3 % of the start);
 - the baseline, same window: a bare oslo.messaging RPC server
@@ -129,7 +129,7 @@ def main(argv) -> int:
                             else None),
         'cpu_seconds': round(cpu1 - cpu0, 3),
         'cpu_percent_by_process': {
-            ('master' if i == 0 else f'worker{i}'):
+            ('agent' if i == 0 else f'child{i}'):
                 round((per_proc1[i] - per_proc0[i]) / wall * 100.0, 3)
             for i in range(len(procs))},
         'seconds': round(wall, 1),

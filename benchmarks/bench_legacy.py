@@ -1,7 +1,7 @@
 """Benchmark: the legacy RAPID TCP front end (SPEC 9, bench_legacy).
 
-The agent runs as a separate process (``python -m rapid_vmm.cmd.vmm``,
-master + worker) on the local RabbitMQ and libvirt's test hypervisor with
+The agent runs as a separate process (``python -m rapid_vmm.cmd.vmm``
+in one process) on the local RabbitMQ and libvirt's test hypervisor with
 ``[legacy] enabled`` on a free local port; this process is the original
 SLAM and AS, one TCP connection per request with the original framing
 (header, block-data records, ``ArrayList<String>``), as the Java

@@ -1,7 +1,7 @@
 """Benchmark: VMM API round trips on RabbitMQ (SPEC 9, bench_rpc).
 
 The agent runs as a separate process (``python -m rapid_vmm.cmd.vmm``:
-master + worker, oslo.service threading backend) on the local RabbitMQ and
+one process, oslo.service's threading backend) on the local RabbitMQ and
 libvirt's test hypervisor; this process plays the DS and the SLAM
 (simulated peers) and the caller. The baseline is a bare oslo.messaging
 RPC server (``_echo_server.py``), also a separate process, reading the
