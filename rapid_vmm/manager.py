@@ -402,14 +402,17 @@ class VmmManager:
             resources = self.reporter.report(vms)
             self.notifier.host_report({}, resources)
             self.driver.sample_cpu([vm for vm in vms if _measurable(vm)])
-        except Exception:
-            # One cut short by the agent's stop (its store closed under
-            # it) is not an error.
-            if self.stopping:
-                LOG.debug('Resource report failed while stopping',
-                          exc_info=True)
-            else:
-                LOG.exception('Resource report failed')
+        except Exception as exc:  # noqa: BLE001 - logged just below
+            self._log_failure('Resource report', exc)
+
+    def _log_failure(self, what: str, exc: BaseException) -> None:
+        """Log the failure of a background job: with its traceback, unless
+        the agent's stop cut it short (its store closed under it), which
+        is not an error."""
+        if self.stopping:
+            LOG.debug('%s failed while stopping', what, exc_info=exc)
+        else:
+            LOG.error('%s failed', what, exc_info=exc)
 
     def _on_driver_event(self, name: str | None, event: str) -> None:
         """A hypervisor event: reconcile soon, if it is about one of ours.
@@ -470,27 +473,15 @@ class VmmManager:
                 self.lifecycle.ensure_helpers()
                 if names is None:
                     self.scan_orphan_disks()
-        except Exception:
-            # One cut short by the agent's stop (its store closed under
-            # it) is not an error.
-            if self.stopping:
-                LOG.debug('Periodic reconciliation failed while stopping',
-                          exc_info=True)
-            else:
-                LOG.exception('Periodic reconciliation failed')
+        except Exception as exc:  # noqa: BLE001 - logged just below
+            self._log_failure('Periodic reconciliation', exc)
 
     def ensure_helpers(self) -> None:
         """Keep the helper VMs (its own thread at start-up)."""
         try:
             self.lifecycle.ensure_helpers()
-        except Exception:
-            # One cut short by the agent's stop (its store closed under
-            # it) is not an error.
-            if self.stopping:
-                LOG.debug('Keeping the helper VMs failed while stopping',
-                          exc_info=True)
-            else:
-                LOG.exception('Keeping the helper VMs failed')
+        except Exception as exc:  # noqa: BLE001 - logged just below
+            self._log_failure('Keeping the helper VMs', exc)
 
     def scan_orphan_disks(self, force: bool = False) -> list[str]:
         """The driver's delayed orphan-disk job, every

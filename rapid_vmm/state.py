@@ -119,8 +119,10 @@ class OutboxMessage:
 class StateStore:
     """Thread-safe access to the state database of one agent.
 
-    One connection is shared by the agent's threads behind a lock; SQLite
-    statements here are short, so the lock is never held for long.
+    Writes share one connection behind a lock (one transaction at a time,
+    kept short). Reads use a small pool of read-only connections and never
+    wait for a commit; :meth:`get_vm` answers from the rows read since the
+    last commit (see :meth:`_forget_rows`).
     """
 
     def __init__(self, data_path: str):
@@ -131,7 +133,7 @@ class StateStore:
         # LIFO: the connection used last (warm caches) is taken first.
         self._readers: queue.LifoQueue = queue.LifoQueue()
         self._generation = 0
-        # Rows of get_vm() read since the last commit (see _cached_row).
+        # Rows of get_vm() read since the last commit (see _forget_rows).
         self._rows: dict[int, tuple | None] = {}
         self._rows_version = 0
         self._rows_lock = threading.Lock()

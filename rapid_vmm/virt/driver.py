@@ -323,6 +323,22 @@ class ComputeDriver(abc.ABC):
         return 'unknown'
 
 
+def poll_for_address(vm, find: Callable[[Any], str | None], timeout: float,
+                     interval: float, stopping: threading.Event | None,
+                     what: str = 'address') -> str:
+    """``find(vm)`` every ``interval`` s until it gives an address, for at
+    most ``timeout`` s (see :func:`poll`); that address.
+
+    :raises DriverError: when there is none by then.
+    """
+    ip = poll(lambda: find(vm) or None, timeout, interval, stopping)
+    if not ip:
+        raise exception.DriverError(
+            action='find IP address',
+            reason=f'{vm.name} has no {what} after {timeout} s')
+    return ip
+
+
 def poll(func: Callable[[], Any], timeout: float, interval: float,
          stopping: threading.Event | None = None) -> Any:
     """Call ``func`` every ``interval`` s until it returns something else

@@ -779,13 +779,8 @@ class LibvirtDriver(driver.ComputeDriver):
             timeout = self.conf.libvirt.ip_timeout
         # A lease is a local question to libvirtd: poll it often, so the
         # agent sees the address when the guest got it, not seconds later.
-        ip = driver.poll(lambda: self._find_ip(vm) or None, timeout,
-                         IP_POLL_INTERVAL, self._stopping)
-        if not ip:
-            raise exception.DriverError(
-                action='find IP address',
-                reason=f'{vm.name} has no address after {timeout} s')
-        return ip
+        return driver.poll_for_address(vm, self._find_ip, timeout,
+                                       IP_POLL_INTERVAL, self._stopping)
 
     def _find_ip(self, vm: objects.Vm) -> str | None:
         if self.conf.libvirt.ip_command:

@@ -722,13 +722,9 @@ class NovaDriver(driver.ComputeDriver):
                     timeout: float | None = None) -> str:
         if timeout is None:
             timeout = self.conf.nova.boot_timeout
-        ip = driver.poll(lambda: self._ip_from_ports(vm) or None, timeout,
-                         POLL_INTERVAL, self._stopping)
-        if not ip:
-            raise exception.DriverError(
-                action='find IP address',
-                reason=f'{vm.name} has no fixed IP after {timeout} s')
-        return ip
+        return driver.poll_for_address(vm, self._ip_from_ports, timeout,
+                                       POLL_INTERVAL, self._stopping,
+                                       what='fixed IP')
 
     def _ip_from_ports(self, vm: objects.Vm) -> str | None:
         if not vm.driver_id:
